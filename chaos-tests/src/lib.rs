@@ -1,0 +1,23 @@
+//! Multi-host fault tests for Meshwork.
+//!
+//! Real `meshd` processes run in their own network namespaces joined by a
+//! bridge ([`netns`]); a nemesis kills, pauses, partitions and drops packets
+//! ([`cluster`], [`firewall`]); clients drive them through `meshctl` and every
+//! operation and fault is recorded in a [`history`] that the checkers read.
+//! Scenario lengths scale with `CHAOS_SCALE` ([`timing`]).
+//!
+//! The scenarios themselves are the integration tests in `tests/`; see the
+//! crate's README for how to run them.
+
+pub mod cluster;
+pub mod exec;
+pub mod firewall;
+pub mod history;
+pub mod netns;
+pub mod timing;
+
+pub use cluster::{Cluster, ClusterOptions, NodeView, StateEntry};
+pub use firewall::Faults;
+pub use history::{History, OpKind, Outcome};
+pub use netns::{Netns, skip_unless_capable};
+pub use timing::{deadline, full, scale, scaled, scenario_length, secs};

@@ -1,0 +1,253 @@
+//! The `mesh.v1` gRPC API (tonic), served by every node, with the standard health service and
+//! server reflection so that grpcurl and stubs in any language work without the `.proto` file.
+//!
+//! Errors map to gRPC codes with text that says what was wrong: a malformed key or an
+//! oversized value is `INVALID_ARGUMENT`, an unknown key or node is `NOT_FOUND`, a storage
+//! failure is `UNAVAILABLE`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshwork_proto::v1::{
+    self as pb,
+    cluster_service_server::{ClusterService, ClusterServiceServer},
+    state_service_server::{StateService, StateServiceServer},
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::membership::{Member, MemberState};
+use crate::node::NodeState;
+use crate::replica::ReplicaError;
+use crate::state::{Entry, validate_key};
+
+/// Largest request accepted, in bytes (a value plus its envelope).
+const MAX_REQUEST_BYTES: usize = crate::state::MAX_VALUE_LEN + 64 * 1024;
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<NodeState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ClusterServiceServer<ClusterApi>>()
+        .await;
+    health_reporter
+        .set_serving::<StateServiceServer<StateApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshwork_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor sets are valid");
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            ClusterServiceServer::new(ClusterApi { node: node.clone() })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            StateServiceServer::new(StateApi { node }).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// The cluster service.
+pub struct ClusterApi {
+    node: Arc<NodeState>,
+}
+
+fn node_state(s: MemberState) -> pb::NodeState {
+    match s {
+        MemberState::Alive => pb::NodeState::Alive,
+        MemberState::Suspect => pb::NodeState::Suspect,
+        MemberState::Dead => pb::NodeState::Dead,
+    }
+}
+
+fn member_to_pb(m: &Member, local: &str, now: Instant) -> pb::Node {
+    let hb = &m.heartbeat;
+    let is_self = hb.peer_id == local;
+    pb::Node {
+        name: hb.name.clone(),
+        peer_id: hb.peer_id.clone(),
+        addrs: hb.addrs.clone(),
+        state: node_state(m.state) as i32,
+        total: Some(pb::Resources {
+            cpu_millis: hb.total.cpu_millis,
+            memory_bytes: hb.total.memory_bytes,
+        }),
+        allocated: Some(pb::Resources {
+            cpu_millis: hb.allocated.cpu_millis,
+            memory_bytes: hb.allocated.memory_bytes,
+        }),
+        disk_free_bytes: hb.disk_free_bytes,
+        workloads: hb.workloads,
+        labels: hb.labels.clone().into_iter().collect(),
+        last_seen_ms_ago: if is_self {
+            0
+        } else {
+            now.saturating_duration_since(m.last_heard).as_millis() as u64
+        },
+        is_self,
+        version: hb.version.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let local = self.node.peer_id.to_string();
+        let now = Instant::now();
+        let table = self.node.membership.read().expect("membership lock");
+        let nodes = table
+            .members()
+            .into_iter()
+            .map(|m| member_to_pb(m, &local, now))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument(
+                "name: give a node name or peer id",
+            ));
+        }
+        let local = self.node.peer_id.to_string();
+        let table = self.node.membership.read().expect("membership lock");
+        let found: Vec<_> = table
+            .members()
+            .into_iter()
+            .filter(|m| m.heartbeat.peer_id == name || m.heartbeat.name == name)
+            .collect();
+        match found.as_slice() {
+            [m] => Ok(Response::new(member_to_pb(m, &local, Instant::now()))),
+            [] => Err(Status::not_found(format!(
+                "no node named {name:?} in this mesh"
+            ))),
+            many => Err(Status::invalid_argument(format!(
+                "{} nodes are named {name:?}; use a peer id",
+                many.len()
+            ))),
+        }
+    }
+
+    async fn get_info(
+        &self,
+        _: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let local = self.node.peer_id.to_string();
+        let table = self.node.membership.read().expect("membership lock");
+        let node = table
+            .get(&local)
+            .map(|m| member_to_pb(m, &local, Instant::now()));
+        Ok(Response::new(pb::NodeInfo {
+            node,
+            cluster_id: self.node.cluster_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+/// The state service.
+pub struct StateApi {
+    node: Arc<NodeState>,
+}
+
+fn entry_to_pb(e: &Entry) -> pb::Entry {
+    pb::Entry {
+        key: e.key.clone(),
+        value: e.value.clone().unwrap_or_default(),
+        stamp: e.stamp.to_string_rfc3339_lossy(),
+        origin: e.origin.clone(),
+    }
+}
+
+fn replica_status(e: ReplicaError) -> Status {
+    match e {
+        ReplicaError::Invalid(why) => Status::invalid_argument(why.to_string()),
+        ReplicaError::Storage(why) => Status::unavailable(format!("cannot store the write: {why}")),
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Status> {
+    validate_key(key).map_err(|why| Status::invalid_argument(format!("key {key:?}: {why}")))
+}
+
+#[tonic::async_trait]
+impl StateService for StateApi {
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let req = req.into_inner();
+        check_key(&req.key)?;
+        let entry = self
+            .node
+            .write(&req.key, Some(req.value))
+            .map_err(replica_status)?;
+        Ok(Response::new(pb::PutResponse {
+            entry: Some(entry_to_pb(&entry)),
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Entry>, Status> {
+        let key = req.into_inner().key;
+        check_key(&key)?;
+        let replica = self.node.replica.lock().expect("replica lock");
+        match replica.map().get(&key) {
+            Some(e) => Ok(Response::new(entry_to_pb(e))),
+            None => Err(Status::not_found(format!("no value for key {key:?}"))),
+        }
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let key = req.into_inner().key;
+        check_key(&key)?;
+        let exists = self
+            .node
+            .replica
+            .lock()
+            .expect("replica lock")
+            .map()
+            .get(&key)
+            .is_some();
+        if !exists {
+            return Err(Status::not_found(format!("no value for key {key:?}")));
+        }
+        self.node.write(&key, None).map_err(replica_status)?;
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let prefix = req.into_inner().prefix;
+        if !prefix.is_empty() {
+            check_key(&prefix)?;
+        }
+        let replica = self.node.replica.lock().expect("replica lock");
+        let entries = replica.map().list(&prefix).map(entry_to_pb).collect();
+        Ok(Response::new(pb::ListResponse { entries }))
+    }
+}

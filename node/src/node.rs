@@ -1,0 +1,217 @@
+//! A running node: opens the data dir, starts the network task and both API listeners, and
+//! holds the [`NodeState`] they share.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use libp2p::PeerId;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::admission::ClusterSecret;
+use crate::capacity::CapacityProbe;
+use crate::datadir::{DataDir, DataDirError};
+use crate::membership::{FailureDetector, MembershipTable};
+use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
+use crate::replica::{Replica, ReplicaError};
+use crate::state::Entry;
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// The cluster's join secret.
+    pub secret: ClusterSecret,
+    /// libp2p address (QUIC on UDP and TCP on the same port).
+    pub p2p: SocketAddr,
+    /// gRPC API address.
+    pub grpc: SocketAddr,
+    /// HTTP listener address (health, metrics, later the gateway).
+    pub http: SocketAddr,
+    /// Members to join through.
+    pub join: Vec<SocketAddr>,
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// CPU cores to offer instead of the measured count.
+    pub cpu: Option<f64>,
+    /// Memory bytes to offer instead of the measured amount.
+    pub memory: Option<u64>,
+    /// Discover peers by mDNS.
+    pub mdns: bool,
+    /// Failure detector timing.
+    pub detector: FailureDetector,
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data dir could not be used.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// The network could not start.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// An API listener could not bind.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the network task and the APIs.
+pub struct NodeState {
+    /// This node's peer id.
+    pub peer_id: PeerId,
+    /// This node's name.
+    pub name: String,
+    /// This node's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Public id of the cluster.
+    pub cluster_id: String,
+    /// Failure detector timing.
+    pub detector: FailureDetector,
+    /// Who is in the mesh.
+    pub membership: RwLock<MembershipTable>,
+    /// The desired state.
+    pub replica: Mutex<Replica>,
+    network: mpsc::UnboundedSender<NetworkCommand>,
+}
+
+impl NodeState {
+    /// Writes a value (or deletes with `None`) and spreads it to the mesh.
+    pub fn write(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
+        let entry = self
+            .replica
+            .lock()
+            .expect("replica lock")
+            .write(key, value)?;
+        let _ = self
+            .network
+            .send(NetworkCommand::Broadcast(vec![entry.clone()]));
+        metrics::counter!("mesh_state_writes_total").increment(1);
+        Ok(entry)
+    }
+}
+
+/// A started node; dropping it does not stop it, call [`Node::shutdown`].
+pub struct Node {
+    state: Arc<NodeState>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Node {
+    /// Opens the data dir, binds every listener and starts all tasks.
+    pub async fn start(config: NodeConfig, metrics: PrometheusHandle) -> Result<Self, NodeError> {
+        let cluster_id = config.secret.cluster_id();
+        let data_dir = DataDir::open(&config.data_dir, &cluster_id)?;
+        let key = data_dir.identity().clone();
+        let peer_id = key.public().to_peer_id();
+        let probe = CapacityProbe::new(data_dir.root(), config.cpu, config.memory);
+        let replica = Replica::load(data_dir.into_db(), peer_id.to_string())?;
+        tracing::info!(%peer_id, name = %config.name, cluster = %cluster_id,
+            entries = replica.map().live_len(), capacity = ?probe.total(), "node starting");
+
+        let grpc_listener =
+            TcpListener::bind(config.grpc)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: "gRPC",
+                    addr: config.grpc,
+                    source,
+                })?;
+        let http_listener =
+            TcpListener::bind(config.http)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: "HTTP",
+                    addr: config.http,
+                    source,
+                })?;
+        let grpc_addr = grpc_listener.local_addr().expect("bound");
+        let http_addr = http_listener.local_addr().expect("bound");
+
+        let (net_tx, net_rx) = mpsc::unbounded_channel();
+        let state = Arc::new(NodeState {
+            peer_id,
+            name: config.name.clone(),
+            labels: config.labels.clone(),
+            cluster_id,
+            detector: config.detector,
+            membership: RwLock::new(MembershipTable::new(peer_id.to_string(), config.detector)),
+            replica: Mutex::new(replica),
+            network: net_tx,
+        });
+        let network = MeshNetwork::new(
+            key,
+            config.secret.clone(),
+            &NetworkConfig {
+                listen: config.p2p,
+                join: config.join.clone(),
+                mdns: config.mdns,
+            },
+            state.clone(),
+            probe,
+            net_rx,
+        )?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(network.run(shutdown_rx.clone()));
+        tasks.spawn(crate::grpc::serve(
+            grpc_listener,
+            state.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(crate::http::serve(http_listener, metrics, shutdown_rx));
+        tracing::info!(grpc = %grpc_addr, http = %http_addr, p2p = %config.p2p, "node started");
+        Ok(Self {
+            state,
+            shutdown,
+            tasks,
+            grpc_addr,
+            http_addr,
+        })
+    }
+
+    /// The shared state, for embedding and tests.
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// Where the gRPC API listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Where the HTTP listener listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Waits until a task ends on its own (which means something failed).
+    pub async fn wait(&mut self) {
+        let _ = self.tasks.join_next().await;
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!("node stopped");
+    }
+}
