@@ -207,6 +207,7 @@ pub struct Cluster {
     faults: Mutex<Faults>,
     history: History,
     failed: AtomicBool,
+    logs_dumped: AtomicBool,
     // Declared after the slots so namespaces go after the processes.
     net: Netns,
     dir: Option<tempfile::TempDir>,
@@ -258,6 +259,7 @@ impl Cluster {
             faults: Mutex::new(Faults::default()),
             history,
             failed: AtomicBool::new(false),
+            logs_dumped: AtomicBool::new(false),
             net,
             dir: Some(dir),
             secret_file,
@@ -917,6 +919,7 @@ impl Cluster {
 
     /// Prints the last lines (env `CHAOS_LOG_LINES`, default 40) of every node's log.
     pub fn dump_logs(&self) {
+        self.logs_dumped.store(true, Ordering::Relaxed);
         let n = log_lines();
         let slots: Vec<(String, PathBuf)> = self
             .slots
@@ -951,12 +954,11 @@ impl Drop for Cluster {
             }
         }
         self.net.cleanup();
-        let keep = panicking
-            || self.failed.load(Ordering::Relaxed)
-            || std::env::var("CHAOS_KEEP").is_ok_and(|v| v == "1");
-        if panicking && !self.failed.load(Ordering::Relaxed) {
+        let failed = panicking || self.failed.load(Ordering::Relaxed) || self.history.has_failed();
+        if failed && !self.logs_dumped.load(Ordering::Relaxed) {
             self.dump_logs();
         }
+        let keep = failed || std::env::var("CHAOS_KEEP").is_ok_and(|v| v == "1");
         if let Some(dir) = self.dir.take()
             && keep
         {

@@ -106,6 +106,7 @@ struct Inner {
     ops: Vec<OpRecord>,
     events: Vec<Event>,
     next_id: u64,
+    failed: bool,
 }
 
 /// A shared, thread-safe recorder; clones record into the same history.
@@ -241,10 +242,17 @@ impl History {
     }
 
     /// Prints the timeline to stderr and returns an error carrying `msg`.
+    /// Also marks the history failed (see [`History::has_failed`]).
     pub fn fail(&self, msg: impl std::fmt::Display) -> anyhow::Error {
+        self.inner.lock().unwrap().failed = true;
         eprintln!("{}", self.timeline());
         eprintln!("CHECK FAILED: {msg}");
         anyhow::anyhow!("check failed: {msg}")
+    }
+
+    /// True once a check failed through [`History::fail`].
+    pub fn has_failed(&self) -> bool {
+        self.inner.lock().unwrap().failed
     }
 
     /// `Ok` if `cond`, else [`History::fail`] with `msg`.

@@ -101,6 +101,15 @@ impl MeshClient {
             .collect())
     }
 
+    /// One member by name or peer id.
+    pub async fn node(&mut self, name: &str) -> Result<NodeView, ClientError> {
+        let r = self
+            .cluster
+            .get_node(pb::GetNodeRequest { name: name.into() })
+            .await?;
+        Ok(r.into_inner().into())
+    }
+
     /// The answering node and its cluster.
     pub async fn info(&mut self) -> Result<pb::NodeInfo, ClientError> {
         Ok(self

@@ -177,8 +177,14 @@ pub async fn admit(
                 theirs.copy_from_slice(&msg[8..]);
                 // blake3::Hash equality is constant time.
                 if secret.proof(b"dialer", &remote, &local) != blake3::Hash::from(theirs) {
+                    // Tell the dialer why, and give the answer time to arrive before the
+                    // connection is dropped: wait (briefly) for the dialer to hang up.
                     let _ = stream.write_all(&[REFUSE]).await;
+                    let _ = stream.flush().await;
                     let _ = stream.close().await;
+                    let mut sink = [0u8; 1];
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), stream.read(&mut sink)).await;
                     return Err(AdmissionError::BadProof(remote));
                 }
                 let mut reply = Vec::with_capacity(33);

@@ -23,8 +23,9 @@ use crate::node::NodeState;
 use crate::replica::ReplicaError;
 use crate::state::{Entry, validate_key};
 
-/// Largest request accepted, in bytes (a value plus its envelope).
-const MAX_REQUEST_BYTES: usize = crate::state::MAX_VALUE_LEN + 64 * 1024;
+/// Largest request decoded, in bytes; larger values than the state accepts still decode, so
+/// that the answer names the limit instead of a transport error.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves the API on `listener` until `shutdown` turns true.
 pub async fn serve(

@@ -19,7 +19,59 @@ pub fn install_metrics() -> PrometheusHandle {
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::debug!("a metrics recorder was already installed");
     }
+    describe_metrics();
     handle
+}
+
+/// Describes every metric the node exports and makes the counters visible at zero, so a
+/// scrape shows the full set from the start.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "mesh_peers",
+        "Members by failure-detector state, this node included"
+    );
+    describe_gauge!(
+        "mesh_connected_peers",
+        "Peers with an open, admitted connection"
+    );
+    describe_counter!(
+        "mesh_gossip_messages_total",
+        "Gossip messages sent (out) and received (in)"
+    );
+    describe_counter!(
+        "mesh_member_transitions_total",
+        "Failure-detector verdict changes"
+    );
+    describe_counter!("mesh_admission_total", "Admission exchanges by result");
+    describe_counter!(
+        "mesh_bad_messages_total",
+        "Malformed or lying messages dropped, by reason"
+    );
+    describe_gauge!("mesh_state_entries", "Live entries in the desired state");
+    describe_gauge!("mesh_state_tombstones", "Deleted keys kept as tombstones");
+    describe_counter!("mesh_state_writes_total", "Writes accepted by this node");
+    describe_counter!("mesh_sync_rounds_total", "Anti-entropy rounds started");
+    describe_counter!(
+        "mesh_sync_entries_applied_total",
+        "Entries learned through anti-entropy"
+    );
+    describe_histogram!(
+        "mesh_state_propagation_seconds",
+        Unit::Seconds,
+        "Time from a write on its origin to its arrival here by gossip"
+    );
+    for direction in ["in", "out"] {
+        for topic in ["heartbeat", "state"] {
+            metrics::counter!("mesh_gossip_messages_total", "direction" => direction, "topic" => topic)
+                .increment(0);
+        }
+    }
+    for result in ["accepted", "refused", "timeout"] {
+        metrics::counter!("mesh_admission_total", "result" => result).increment(0);
+    }
+    metrics::counter!("mesh_state_writes_total").increment(0);
+    metrics::counter!("mesh_sync_entries_applied_total").increment(0);
 }
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`), as text or

@@ -1,0 +1,206 @@
+//! Test support: real `meshd` processes on loopback, and waiting on conditions with deadlines.
+
+#![allow(dead_code, missing_docs)]
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshwork_client::{MeshClient, NodeView};
+
+pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+
+/// A port free for TCP and UDP at once (libp2p listens on both).
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+pub fn write_secret(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let bytes: [u8; 32] = rand::random();
+    std::fs::write(&path, hex::encode(bytes)).unwrap();
+    path
+}
+
+/// One `meshd` process and what is needed to restart it as the same node.
+pub struct TestNode {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub secret: PathBuf,
+    pub p2p: u16,
+    pub grpc: u16,
+    pub http: u16,
+    pub join: Vec<u16>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn new(root: &Path, name: &str, secret: &Path, join: Vec<u16>) -> Self {
+        Self {
+            name: name.into(),
+            data_dir: root.join(name),
+            secret: secret.into(),
+            p2p: free_port(),
+            grpc: free_port(),
+            http: free_port(),
+            join,
+            log: root.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--secret-file".into(),
+            self.secret.display().to_string(),
+            "--p2p".into(),
+            format!("127.0.0.1:{}", self.p2p),
+            "--grpc".into(),
+            format!("127.0.0.1:{}", self.grpc),
+            "--http".into(),
+            format!("127.0.0.1:{}", self.http),
+            "--name".into(),
+            self.name.clone(),
+            "--no-mdns".into(),
+        ];
+        for j in &self.join {
+            a.push("--join".into());
+            a.push(format!("127.0.0.1:{j}"));
+        }
+        a
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(MESHD)
+            .args(self.args())
+            .env("RUST_LOG", "info,meshwork_node=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn meshd");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    pub async fn client(&self) -> MeshClient {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match MeshClient::connect(&self.endpoint()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{} not serving gRPC: {e}\n{}", self.name, self.log_tail())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// `nodes` as this node sees them; empty if it does not answer.
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        match MeshClient::connect(&self.endpoint()).await {
+            Ok(mut c) => c.nodes().await.unwrap_or_default(),
+            Err(_) => vec![],
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// N nodes sharing one secret; node 0 is the one the others join through.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    pub fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = write_secret(dir.path(), "secret");
+        let mut nodes: Vec<TestNode> = Vec::new();
+        for i in 0..n {
+            let join = nodes.first().map(|n0| vec![n0.p2p]).unwrap_or_default();
+            let mut node = TestNode::new(dir.path(), &format!("n{i}"), &secret, join);
+            node.start();
+            nodes.push(node);
+        }
+        Self { dir, nodes }
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("----- {} -----\n{}", n.name, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until `observer` sees exactly the given names in the given state.
+    pub async fn wait_states(&self, observer: usize, expect: &[(&str, &str)], within: Duration) {
+        let what = format!("{} sees {:?}", self.nodes[observer].name, expect);
+        let node = &self.nodes[observer];
+        wait_until(within, &what, || async {
+            let seen = node.nodes().await;
+            seen.len() == expect.len()
+                && expect
+                    .iter()
+                    .all(|(name, state)| seen.iter().any(|n| n.name == *name && n.state == *state))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `within` passes.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {within:?} waiting until {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
