@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -812,6 +813,17 @@ impl Cluster {
                 Ok(v) => return Ok((v, start.elapsed())),
                 Err(why) => why,
             };
+            let exits = self.unexpected_exits();
+            if !exits.is_empty() {
+                self.mark_failed();
+                self.dump_logs();
+                eprintln!("{}", self.history.timeline());
+                bail!(
+                    "while waiting for: {description}: meshd exited without the harness \
+                     killing it: {}; last: {last}",
+                    exits.join("; ")
+                );
+            }
             if start.elapsed() >= limit {
                 self.mark_failed();
                 self.dump_logs();
@@ -826,6 +838,29 @@ impl Cluster {
                 std::thread::sleep(rest);
             }
         }
+    }
+
+    /// Nodes whose `meshd` exited although the harness did not kill it, with
+    /// how it ended and its last log line (a crash, or a signal from outside
+    /// the harness, e.g. someone's `pkill meshd`).
+    pub fn unexpected_exits(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut slots = self.slots.lock().unwrap();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(child) = slot.child.as_mut() else {
+                continue;
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                let how = match (status.code(), status.signal()) {
+                    (_, Some(sig)) => format!("killed by signal {sig}"),
+                    (Some(code), _) => format!("exit code {code}"),
+                    _ => status.to_string(),
+                };
+                let last = tail(&slot.log, 1);
+                out.push(format!("n{i} ({}) {how}; last log line: {last}", slot.name));
+            }
+        }
+        out
     }
 
     /// Polls `cond` every 100 ms until true, for at most `limit`; see
@@ -947,6 +982,14 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
+        let exits = self.unexpected_exits();
+        if !exits.is_empty() {
+            eprintln!(
+                "chaos: meshd exited without the harness killing it: {}",
+                exits.join("; ")
+            );
+            self.mark_failed();
+        }
         for slot in self.slots.get_mut().unwrap().iter_mut() {
             if let Some(mut c) = slot.child.take() {
                 let _ = c.kill();

@@ -63,6 +63,9 @@ pub struct MeshdArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// Test only: misbehave on purpose so tests can check how peers cope with a liar.
+    #[arg(long, hide = true, value_enum)]
+    pub test_lie: Option<crate::p2p::LieMode>,
 }
 
 /// A flag that does not make sense; the message names the flag.
@@ -238,6 +241,7 @@ impl MeshdArgs {
             memory,
             mdns: !self.no_mdns && !self.dev,
             detector: FailureDetector::default(),
+            lie: self.test_lie,
         })
     }
 }

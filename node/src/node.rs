@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Failure detector timing.
     pub detector: FailureDetector,
+    /// Test-only misbehaviour (hidden `--test-lie` flag).
+    pub lie: Option<crate::p2p::LieMode>,
 }
 
 /// Errors starting a node.
@@ -163,6 +165,7 @@ impl Node {
                 listen: config.p2p,
                 join: config.join.clone(),
                 mdns: config.mdns,
+                lie: config.lie,
             },
             state.clone(),
             probe,

@@ -107,6 +107,17 @@ pub struct NetworkConfig {
     pub join: Vec<SocketAddr>,
     /// Discover peers with mDNS.
     pub mdns: bool,
+    /// Test-only: misbehave on purpose, to test how peers cope with a liar.
+    pub lie: Option<LieMode>,
+}
+
+/// Ways a node can be told to misbehave, for tests of the others' defences (hidden flag
+/// `--test-lie`). Never set in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LieMode {
+    /// Each heartbeat tick, gossip an undecodable state message and a heartbeat that claims
+    /// to come from another peer.
+    Gossip,
 }
 
 /// One `--join` address and what is known of it.
@@ -134,6 +145,7 @@ pub struct MeshNetwork {
     redial: HashMap<PeerId, Instant>,
     strikes: HashMap<PeerId, u32>,
     bootstrapped: bool,
+    lie: Option<LieMode>,
 }
 
 /// Errors building the network.
@@ -307,6 +319,7 @@ impl MeshNetwork {
             redial: HashMap::new(),
             strikes: HashMap::new(),
             bootstrapped: false,
+            lie: config.lie,
         })
     }
 
@@ -390,7 +403,29 @@ impl MeshNetwork {
         };
         self.report(&transitions);
         self.publish(self.hb_topic.clone(), bytes);
+        if self.lie == Some(LieMode::Gossip) {
+            self.tell_lies();
+        }
         self.update_gauges();
+    }
+
+    fn tell_lies(&mut self) {
+        self.publish(self.state_topic.clone(), vec![0xff; 64]);
+        let phantom = Heartbeat {
+            peer_id: PeerId::random().to_string(),
+            name: "phantom".into(),
+            incarnation: 1,
+            seq: self.seq,
+            addrs: vec![],
+            labels: Default::default(),
+            total: Resources::default(),
+            allocated: Resources::default(),
+            disk_free_bytes: 0,
+            workloads: 0,
+            version: "lie".into(),
+        };
+        let bytes = postcard::to_allocvec(&phantom).expect("heartbeat serializes");
+        self.publish(self.hb_topic.clone(), bytes);
     }
 
     /// Re-judges members between heartbeats so a death is seen within a quarter second.

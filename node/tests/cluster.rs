@@ -280,3 +280,44 @@ fn malformed_flags_are_a_usage_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-file /nonexistent/secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_dropped_and_counted_and_nothing_breaks() {
+    let c = TestCluster::start(2);
+    c.wait_states(0, &[("n0", "alive"), ("n1", "alive")], CONVERGE)
+        .await;
+    let secret = c.dir.path().join("secret");
+    let mut liar = TestNode::new(c.dir.path(), "liar", &secret, vec![c.nodes[0].p2p]);
+    liar.extra_args = vec!["--test-lie".into(), "gossip".into()];
+    liar.start();
+    let expect = [("liar", "alive"), ("n0", "alive"), ("n1", "alive")];
+    c.wait_states(0, &expect, CONVERGE).await;
+    let metrics_url = format!("127.0.0.1:{}", c.nodes[1].http);
+    wait_until(CONVERGE, "n1 counts the liar's bad gossip", || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(&metrics_url).await else {
+            return false;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out.lines().any(|l| {
+            l.starts_with("mesh_bad_messages_total{reason=\"gossip\"}")
+                && l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()) >= Some(3.0)
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // The phantom the liar invents never becomes a member, and the honest nodes still work.
+    for node in &c.nodes {
+        let names: Vec<String> = node.nodes().await.into_iter().map(|n| n.name).collect();
+        assert!(!names.contains(&"phantom".to_string()), "{names:?}");
+    }
+    let mut a = c.nodes[0].client().await;
+    a.put("after/lies", b"ok".to_vec()).await.unwrap();
+    wait_until(CONVERGE, "n1 still receives writes", || async {
+        get_value(&c.nodes[1], "after/lies").await.as_deref() == Some("ok")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}

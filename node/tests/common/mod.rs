@@ -40,6 +40,7 @@ pub struct TestNode {
     pub http: u16,
     pub join: Vec<u16>,
     pub log: PathBuf,
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -54,6 +55,7 @@ impl TestNode {
             http: free_port(),
             join,
             log: root.join(format!("{name}.log")),
+            extra_args: vec![],
             child: None,
         }
     }
@@ -78,6 +80,7 @@ impl TestNode {
             a.push("--join".into());
             a.push(format!("127.0.0.1:{j}"));
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 
