@@ -294,7 +294,7 @@ pub fn human_bytes(n: u64) -> String {
 
 /// Formats thousandths of a core (`2`, `1.5`, `250m`).
 pub fn human_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 {
+    if millis.is_multiple_of(1000) {
         format!("{}", millis / 1000)
     } else if millis < 1000 {
         format!("{millis}m")

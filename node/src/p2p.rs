@@ -39,6 +39,7 @@ use crate::admission::{ClusterSecret, admit};
 use crate::capacity::CapacityProbe;
 use crate::membership::{Heartbeat, MemberState, Resources, Transition};
 use crate::node::NodeState;
+use crate::replica::Merged;
 use crate::state::{Digest, Entry};
 
 const HEARTBEAT_TOPIC: &str = "meshwork/heartbeat/1";
@@ -670,13 +671,11 @@ impl MeshNetwork {
             }
             MeshBehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, addresses, ..
-            }) => {
-                if !self.swarm.is_connected(&peer) && peer != self.local() {
-                    let opts = DialOpts::peer_id(peer)
-                        .addresses(addresses.into_vec())
-                        .build();
-                    let _ = self.swarm.dial(opts);
-                }
+            }) if !self.swarm.is_connected(&peer) && peer != self.local() => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addresses.into_vec())
+                    .build();
+                let _ = self.swarm.dial(opts);
             }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
@@ -769,9 +768,9 @@ impl MeshNetwork {
                 .expect("replica lock")
                 .apply_remote(gossip.entries);
             match result {
-                Ok((applied, invalid)) => {
-                    observe_propagation(&applied);
-                    if invalid.is_empty() {
+                Ok(merged) => {
+                    observe_propagation(&merged.applied);
+                    if merged.invalid.is_empty() {
                         MessageAcceptance::Accept
                     } else {
                         MessageAcceptance::Reject
@@ -829,20 +828,13 @@ impl MeshNetwork {
                         .expect("replica lock")
                         .reconcile(&covered, entries);
                     match result {
-                        Ok((applied, push, invalid)) => {
-                            if !invalid.is_empty() {
-                                self.strike(peer, "sync-invalid-entry");
-                            }
-                            if !applied.is_empty() {
-                                tracing::debug!(%peer, n = applied.len(), "caught up from peer");
-                                metrics::counter!("mesh_sync_entries_applied_total")
-                                    .increment(applied.len() as u64);
-                            }
-                            if !push.is_empty() {
+                        Ok(merged) => {
+                            self.count_synced(peer, &merged);
+                            if !merged.to_push.is_empty() {
                                 self.swarm
                                     .behaviour_mut()
                                     .sync
-                                    .send_request(&peer, SyncRequest::Push(push));
+                                    .send_request(&peer, SyncRequest::Push(merged.to_push));
                             }
                         }
                         Err(e) => tracing::error!(error = %e, "cannot persist synced state"),
@@ -860,14 +852,19 @@ impl MeshNetwork {
             .expect("replica lock")
             .apply_remote(entries);
         match result {
-            Ok((applied, invalid)) => {
-                if !invalid.is_empty() {
-                    self.strike(peer, "sync-invalid-entry");
-                }
-                metrics::counter!("mesh_sync_entries_applied_total")
-                    .increment(applied.len() as u64);
-            }
+            Ok(merged) => self.count_synced(peer, &merged),
             Err(e) => tracing::error!(error = %e, "cannot persist synced state"),
+        }
+    }
+
+    fn count_synced(&mut self, peer: PeerId, merged: &Merged) {
+        if !merged.invalid.is_empty() {
+            self.strike(peer, "sync-invalid-entry");
+        }
+        if !merged.applied.is_empty() {
+            tracing::debug!(%peer, n = merged.applied.len(), "caught up from peer");
+            metrics::counter!("mesh_sync_entries_applied_total")
+                .increment(merged.applied.len() as u64);
         }
     }
 }

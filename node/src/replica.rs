@@ -10,7 +10,7 @@ use std::time::Duration;
 use uhlc::{HLC, HLCBuilder, ID};
 
 use crate::datadir::{DataDirError, StateDb};
-use crate::state::{Digest, Entry, InvalidEntry, MergeOutcome, StateMap, validate_entry};
+use crate::state::{Digest, Entry, InvalidEntry, StateMap, validate_entry};
 
 /// Clock skew tolerated before a peer's stamp stops advancing our clock (its entries are
 /// still merged; see docs/ARCHITECTURE.md).
@@ -25,6 +25,17 @@ pub enum ReplicaError {
     /// The write could not be made durable.
     #[error(transparent)]
     Storage(#[from] DataDirError),
+}
+
+/// What merging a batch of entries from a peer did.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// Entries that were newer and are now current (and durable).
+    pub applied: Vec<Entry>,
+    /// Entries of the compared buckets that the peer lacks or has older (anti-entropy only).
+    pub to_push: Vec<Entry>,
+    /// Entries refused as malformed, with why: evidence against the peer.
+    pub invalid: Vec<(Entry, InvalidEntry)>,
 }
 
 /// The state replica of one node.
@@ -74,31 +85,27 @@ impl Replica {
 
     /// Applies entries from a peer. Invalid ones are returned separately (the caller counts
     /// them against the peer); the applied ones are durable when this returns.
-    pub fn apply_remote(
-        &mut self,
-        entries: Vec<Entry>,
-    ) -> Result<(Vec<Entry>, Vec<(Entry, InvalidEntry)>), ReplicaError> {
-        let mut applied = Vec::new();
-        let mut invalid = Vec::new();
+    pub fn apply_remote(&mut self, entries: Vec<Entry>) -> Result<Merged, ReplicaError> {
+        let mut merged = Merged::default();
         for e in entries {
             if let Err(why) = validate_entry(&e) {
-                invalid.push((e, why));
+                merged.invalid.push((e, why));
                 continue;
             }
             let _ = self.hlc.update_with_timestamp(&e.stamp);
-            let newer = self
+            if self
                 .map
                 .get_any(&e.key)
-                .is_none_or(|cur| cur.stamp < e.stamp);
-            if newer {
-                applied.push(e);
+                .is_none_or(|cur| cur.stamp < e.stamp)
+            {
+                merged.applied.push(e);
             }
         }
-        self.db.write(&applied)?;
-        for e in &applied {
+        self.db.write(&merged.applied)?;
+        for e in &merged.applied {
             self.map.merge(e.clone());
         }
-        Ok((applied, invalid))
+        Ok(merged)
     }
 
     /// Anti-entropy, responder side: the entries of the buckets where `theirs` differs.
@@ -114,54 +121,39 @@ impl Replica {
         self.map.bucket_entries(&diff, max_bytes)
     }
 
-    /// Anti-entropy, requester side: merge the peer's buckets; returns (applied, to push back).
+    /// Anti-entropy, requester side: merges the peer's whole `covered` buckets and says what
+    /// to push back.
     pub fn reconcile(
         &mut self,
         covered: &[usize],
         theirs: Vec<Entry>,
-    ) -> Result<(Vec<Entry>, Vec<Entry>, Vec<(Entry, InvalidEntry)>), ReplicaError> {
-        let (valid, invalid): (Vec<_>, Vec<_>) =
-            theirs.into_iter().partition(|e| validate_entry(e).is_ok());
-        let invalid = invalid
-            .into_iter()
-            .map(|e| {
-                let why = validate_entry(&e).expect_err("partitioned as invalid");
-                (e, why)
-            })
-            .collect();
-        for e in &valid {
-            let _ = self.hlc.update_with_timestamp(&e.stamp);
+    ) -> Result<Merged, ReplicaError> {
+        let mut invalid = Vec::new();
+        let mut valid = Vec::with_capacity(theirs.len());
+        for e in theirs {
+            match validate_entry(&e) {
+                Ok(()) => {
+                    let _ = self.hlc.update_with_timestamp(&e.stamp);
+                    valid.push(e);
+                }
+                Err(why) => invalid.push((e, why)),
+            }
         }
+        // Merge into a copy first so that memory only changes once the disk has the entries.
         let mut scratch = self.map.clone();
-        let (applied, push) = scratch.reconcile(covered, valid);
+        let (applied, to_push) = scratch.reconcile(covered, valid);
         self.db.write(&applied)?;
         self.map = scratch;
-        Ok((applied, push, invalid))
+        Ok(Merged {
+            applied,
+            to_push,
+            invalid,
+        })
     }
 
     /// The in-memory map, for reads.
     pub fn map(&self) -> &StateMap {
         &self.map
-    }
-
-    /// Whether applying this entry would change the replica.
-    pub fn would_apply(&self, e: &Entry) -> bool {
-        self.map
-            .get_any(&e.key)
-            .is_none_or(|cur| cur.stamp < e.stamp)
-    }
-
-    /// Merge outcome for an entry, applying it durably if newer.
-    pub fn apply_one(&mut self, e: Entry) -> Result<MergeOutcome, ReplicaError> {
-        let (applied, invalid) = self.apply_remote(vec![e])?;
-        if let Some((_, why)) = invalid.into_iter().next() {
-            return Err(why.into());
-        }
-        Ok(if applied.is_empty() {
-            MergeOutcome::Stale
-        } else {
-            MergeOutcome::Applied
-        })
     }
 }
 
@@ -202,9 +194,9 @@ mod tests {
         let good = a.write("ok", Some(b"1".to_vec())).unwrap();
         let mut bad = good.clone();
         bad.key = "bad key".into();
-        let (applied, invalid) = b.apply_remote(vec![bad, good.clone()]).unwrap();
-        assert_eq!(applied, vec![good]);
-        assert_eq!(invalid.len(), 1);
+        let merged = b.apply_remote(vec![bad, good.clone()]).unwrap();
+        assert_eq!(merged.applied, vec![good]);
+        assert_eq!(merged.invalid.len(), 1);
         assert!(b.write("", None).is_err());
     }
 }

@@ -321,3 +321,47 @@ async fn a_lying_peer_is_dropped_and_counted_and_nothing_breaks() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_serve_standard_clients() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let c = TestCluster::start(1);
+    let _ = c.nodes[0].client().await; // serving
+    let channel = tonic::transport::Channel::from_shared(c.nodes[0].endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "mesh.v1.ClusterService", "mesh.v1.StateService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().status, 1, "{service} is not SERVING");
+    }
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("unexpected reflection answer {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["mesh.v1.ClusterService", "mesh.v1.StateService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == s), "{s} not in {names:?}");
+    }
+}
