@@ -361,7 +361,11 @@ async fn health_and_reflection_serve_standard_clients() {
         panic!("unexpected reflection answer {answer:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for s in ["mesh.v1.ClusterService", "mesh.v1.StateService", "grpc.health.v1.Health"] {
+    for s in [
+        "mesh.v1.ClusterService",
+        "mesh.v1.StateService",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.iter().any(|n| n == s), "{s} not in {names:?}");
     }
 }

@@ -1,0 +1,4 @@
+//! The mesh as its own registry: a content-addressed blob store on every node, and the
+//! peer-to-peer transfer that fills it from other nodes, verified piece by piece.
+
+pub mod store;
