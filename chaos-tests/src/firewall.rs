@@ -1,7 +1,8 @@
 //! The nemesis's network faults as nftables rules inside each host namespace.
 //!
 //! Every host namespace gets one `inet` table ([`TABLE`]) with an input and an
-//! output chain. Rules match on the IPv4 addresses of the *other hosts* only,
+//! output chain; every fault drops on receipt (input), so senders see silent
+//! loss as on a real network, never an EPERM. Rules match on the IPv4 addresses of the *other hosts* only,
 //! so traffic on a namespace's loopback (where the harness runs `meshctl`) and
 //! to or from the bridge address in the root namespace (health checks) is
 //! never affected. Rules inside the namespaces need no `br_netfilter`.
@@ -100,10 +101,13 @@ pub fn render(faults: &Faults, host: usize, hosts: &[(usize, Ipv4Addr)]) -> Stri
         .collect();
 
     let mut input = Vec::new();
-    let mut output = Vec::new();
+    // Every fault drops on receipt: a drop in the output chain would fail
+    // the sender's sendmsg with EPERM, which a real network never does. Both
+    // sides of a partition drop what arrives from the other, so it is still
+    // symmetric. The output chain stays, empty, for faults that need it.
+    let output: Vec<String> = Vec::new();
     if !cut.is_empty() {
         input.push(format!("ip saddr {} drop", ip_set(&cut)));
-        output.push(format!("ip daddr {} drop", ip_set(&cut)));
     }
     if faults.drop_into.contains(&host) && !peers.is_empty() {
         input.push(format!("ip saddr {} drop", ip_set(&peers)));
@@ -166,8 +170,8 @@ mod tests {
             "{s0}"
         );
         assert!(
-            s0.contains("ip daddr { 10.1.2.12, 10.1.2.13, 10.1.2.14 } drop"),
-            "{s0}"
+            !s0.contains("daddr"),
+            "silent loss, no EPERM for the sender: {s0}"
         );
         let s3 = render(&f, 3, &hosts(5));
         assert!(

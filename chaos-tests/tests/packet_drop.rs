@@ -131,7 +131,6 @@ fn lossy_links_do_not_kill_nodes_or_lose_writes() -> Result<()> {
         ms(latencies.iter().max().copied()),
     );
     eprintln!("packet_drop: {report}");
-    println!("packet_drop: {report}");
     h.ensure(
         dead.is_empty(),
         format!("no node may be reported dead under 10% loss: {dead:#?}"),

@@ -4,11 +4,16 @@
 //! Any node answers every call, so a client needs one endpoint: `MESH_ENDPOINT` or
 //! `--endpoint`, e.g. `http://127.0.0.1:7100`.
 
+pub mod oci;
+mod push;
+
+pub use push::{PushError, push_image};
+
 use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
     self as pb, cluster_service_client::ClusterServiceClient,
-    state_service_client::StateServiceClient,
+    registry_service_client::RegistryServiceClient, state_service_client::StateServiceClient,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -37,6 +42,9 @@ pub enum ClientError {
     /// The node answered with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(#[from] tonic::Status),
+    /// Something failed on this side (reading or writing a file).
+    #[error("{0}")]
+    Local(String),
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -70,6 +78,7 @@ impl ClientError {
 pub struct MeshClient {
     cluster: ClusterServiceClient<Channel>,
     state: StateServiceClient<Channel>,
+    registry: RegistryServiceClient<Channel>,
 }
 
 impl MeshClient {
@@ -87,7 +96,8 @@ impl MeshClient {
         })?;
         Ok(Self {
             cluster: ClusterServiceClient::new(channel.clone()),
-            state: StateServiceClient::new(channel).max_decoding_message_size(64 << 20),
+            state: StateServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            registry: RegistryServiceClient::new(channel).max_decoding_message_size(64 << 20),
         })
     }
 
@@ -158,6 +168,212 @@ impl MeshClient {
             .into_iter()
             .map(EntryView::from)
             .collect())
+    }
+}
+
+/// Bytes per upload message.
+const UPLOAD_PIECE: usize = 256 * 1024;
+
+/// Options of a blob upload.
+#[derive(Debug, Clone, Default)]
+pub struct UploadOptions {
+    /// Refuse the upload unless the bytes hash to this `sha256:<hex>`.
+    pub expected_sha256: Option<String>,
+    /// Keep the blob even when no image refers to it (`blob put`).
+    pub pinned: bool,
+    /// Copies the mesh keeps (0: the default, 2).
+    pub replicas: u32,
+}
+
+impl MeshClient {
+    /// Uploads a blob read from `reader` (on a blocking thread), calling `progress` with the
+    /// bytes of each piece sent.
+    pub async fn put_blob<R: std::io::Read + Send + 'static>(
+        &mut self,
+        mut reader: R,
+        options: UploadOptions,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<pb::BlobInfo, ClientError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let reading = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            loop {
+                let mut buf = vec![0u8; UPLOAD_PIECE];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = reader.read(&mut buf[filled..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                buf.truncate(filled);
+                if tx.blocking_send(buf).is_err() {
+                    return Ok(()); // the call ended; its error is reported
+                }
+                progress(filled as u64);
+            }
+        });
+        let result = self.put_blob_stream(rx, options).await;
+        match reading.await {
+            Ok(Err(e)) => Err(ClientError::Local(format!("reading the blob: {e}"))),
+            Err(e) => Err(ClientError::Local(e.to_string())),
+            Ok(Ok(())) => result,
+        }
+    }
+
+    /// Uploads a blob whose bytes arrive on a channel; the upload ends when the channel
+    /// closes.
+    pub async fn put_blob_stream(
+        &mut self,
+        mut pieces: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        options: UploadOptions,
+    ) -> Result<pb::BlobInfo, ClientError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::BlobUpload>(4);
+        tokio::spawn(async move {
+            // The first message carries the options, even for an empty blob.
+            let mut msg = pb::BlobUpload {
+                data: pieces.recv().await.unwrap_or_default(),
+                expected_sha256: options.expected_sha256.unwrap_or_default(),
+                pinned: options.pinned,
+                replicas: options.replicas,
+            };
+            loop {
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+                match pieces.recv().await {
+                    Some(data) => {
+                        msg = pb::BlobUpload {
+                            data,
+                            ..Default::default()
+                        }
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(self
+            .registry
+            .put_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner())
+    }
+
+    /// Downloads a blob into `writer`, calling `progress(done, total)`.
+    pub async fn get_blob(
+        &mut self,
+        blake3: &str,
+        writer: &mut (impl std::io::Write + ?Sized),
+        progress: impl Fn(u64, u64),
+    ) -> Result<u64, ClientError> {
+        let mut stream = self
+            .registry
+            .get_blob(pb::GetBlobRequest {
+                blake3: blake3.into(),
+            })
+            .await?
+            .into_inner();
+        let mut total = 0;
+        let mut done = 0u64;
+        while let Some(msg) = stream.message().await? {
+            if msg.size > 0 {
+                total = msg.size;
+            }
+            writer
+                .write_all(&msg.data)
+                .map_err(|e| ClientError::Local(format!("writing the blob: {e}")))?;
+            done += msg.data.len() as u64;
+            progress(done, total);
+        }
+        Ok(done)
+    }
+
+    /// Blobs the mesh records.
+    pub async fn blobs(&mut self) -> Result<Vec<pb::BlobInfo>, ClientError> {
+        Ok(self
+            .registry
+            .list_blobs(pb::ListBlobsRequest {})
+            .await?
+            .into_inner()
+            .blobs)
+    }
+
+    /// Registers an image whose blobs were uploaded.
+    pub async fn create_image(
+        &mut self,
+        request: pb::CreateImageRequest,
+    ) -> Result<pb::Image, ClientError> {
+        Ok(self.registry.create_image(request).await?.into_inner())
+    }
+
+    /// Every image.
+    pub async fn images(&mut self) -> Result<Vec<pb::Image>, ClientError> {
+        Ok(self
+            .registry
+            .list_images(pb::ListImagesRequest {})
+            .await?
+            .into_inner()
+            .images)
+    }
+
+    /// One image.
+    pub async fn image(&mut self, reference: &str) -> Result<pb::Image, ClientError> {
+        Ok(self
+            .registry
+            .get_image(pb::ImageRef {
+                reference: reference.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Removes a tag.
+    pub async fn remove_image(&mut self, reference: &str) -> Result<(), ClientError> {
+        self.registry
+            .remove_image(pb::ImageRef {
+                reference: reference.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Makes an image complete on the answering node, calling `progress(done, total)`.
+    pub async fn pull_image(
+        &mut self,
+        reference: &str,
+        progress: impl Fn(u64, u64),
+    ) -> Result<(), ClientError> {
+        let mut stream = self
+            .registry
+            .pull_image(pb::ImageRef {
+                reference: reference.into(),
+            })
+            .await?
+            .into_inner();
+        while let Some(p) = stream.message().await? {
+            progress(p.done_bytes, p.total_bytes);
+            if p.finished {
+                return Ok(());
+            }
+        }
+        Err(ClientError::Local(
+            "the pull ended without finishing".into(),
+        ))
+    }
+
+    /// Collects unreferenced blobs on the answering node.
+    pub async fn collect_garbage(
+        &mut self,
+        grace_secs: Option<u64>,
+    ) -> Result<pb::CollectGarbageResponse, ClientError> {
+        Ok(self
+            .registry
+            .collect_garbage(pb::CollectGarbageRequest { grace_secs })
+            .await?
+            .into_inner())
     }
 }
 

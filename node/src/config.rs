@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -60,6 +61,9 @@ pub struct MeshdArgs {
     /// listening on 127.0.0.1 only unless addresses are given.
     #[arg(long)]
     pub dev: bool,
+    /// Seconds an unreferenced blob is kept before garbage collection removes it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub blob_gc_grace_secs: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -242,6 +246,7 @@ impl MeshdArgs {
             mdns: !self.no_mdns && !self.dev,
             detector: FailureDetector::default(),
             lie: self.test_lie,
+            blob_gc_grace: Duration::from_secs(self.blob_gc_grace_secs),
         })
     }
 }

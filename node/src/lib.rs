@@ -16,6 +16,7 @@ pub mod membership;
 pub mod node;
 pub mod p2p;
 pub mod placement;
+pub mod registry;
 pub mod replica;
 pub mod state;
 pub mod telemetry;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use libp2p::PeerId;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -13,10 +14,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::admission::ClusterSecret;
+use crate::blobs::store::{BlobStore, StoreError};
+use crate::blobs::transfer::{self, ServeMode};
 use crate::capacity::CapacityProbe;
 use crate::datadir::{DataDir, DataDirError};
 use crate::membership::{FailureDetector, MembershipTable};
 use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
+use crate::registry::Registry;
 use crate::replica::{Replica, ReplicaError};
 use crate::state::Entry;
 
@@ -49,6 +53,8 @@ pub struct NodeConfig {
     pub detector: FailureDetector,
     /// Test-only misbehaviour (hidden `--test-lie` flag).
     pub lie: Option<crate::p2p::LieMode>,
+    /// How long an unreferenced blob is kept before garbage collection removes it.
+    pub blob_gc_grace: Duration,
 }
 
 /// Errors starting a node.
@@ -60,6 +66,9 @@ pub enum NodeError {
     /// The network could not start.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// The blob store could not be opened.
+    #[error(transparent)]
+    Blobs(#[from] StoreError),
     /// An API listener could not bind.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Bind {
@@ -124,6 +133,7 @@ impl Node {
         let key = data_dir.identity().clone();
         let peer_id = key.public().to_peer_id();
         let probe = CapacityProbe::new(data_dir.root(), config.cpu, config.memory);
+        let store = Arc::new(BlobStore::open(&data_dir.root().join("blobs"))?);
         let replica = Replica::load(data_dir.into_db(), peer_id.to_string())?;
         tracing::info!(%peer_id, name = %config.name, cluster = %cluster_id,
             entries = replica.map().live_len(), capacity = ?probe.total(), "node starting");
@@ -172,12 +182,28 @@ impl Node {
             net_rx,
         )?;
 
+        let control = network.blob_control();
+        let registry = Arc::new(Registry::new(state.clone(), store.clone(), control.clone()));
+        let serve_mode = if config.lie == Some(crate::p2p::LieMode::CorruptPieces) {
+            ServeMode::CorruptPieces
+        } else {
+            ServeMode::Honest
+        };
+
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(network.run(shutdown_rx.clone()));
+        tasks.spawn(transfer::serve(control, store, serve_mode));
+        tasks.spawn(
+            registry
+                .clone()
+                .run_background(config.blob_gc_grace, shutdown_rx.clone()),
+        );
         tasks.spawn(crate::grpc::serve(
             grpc_listener,
             state.clone(),
+            registry.clone(),
+            config.blob_gc_grace,
             shutdown_rx.clone(),
         ));
         tasks.spawn(crate::http::serve(http_listener, metrics, shutdown_rx));

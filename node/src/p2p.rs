@@ -97,6 +97,7 @@ struct MeshBehaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    blobs: libp2p_stream::Behaviour,
 }
 
 /// Settings of the network task.
@@ -119,6 +120,8 @@ pub enum LieMode {
     /// Each heartbeat tick, gossip an undecodable state message and a heartbeat that claims
     /// to come from another peer.
     Gossip,
+    /// Serve blob pieces with a flipped byte.
+    CorruptPieces,
 }
 
 /// One `--join` address and what is known of it.
@@ -147,6 +150,7 @@ pub struct MeshNetwork {
     strikes: HashMap<PeerId, u32>,
     bootstrapped: bool,
     lie: Option<LieMode>,
+    unsubscribed_since: HashMap<PeerId, Instant>,
 }
 
 /// Errors building the network.
@@ -246,12 +250,21 @@ impl MeshNetwork {
                     gossipsub::MessageAuthenticity::Signed(key.clone()),
                     gs_config,
                 )?;
+                // Score only what says something about a peer's honesty here: invalid
+                // messages. Delivery-rate terms assume a steady message rate per topic that
+                // heartbeats and state writes do not have, and would penalise every peer.
                 let mut score = gossipsub::PeerScoreParams::default();
                 for t in [HEARTBEAT_TOPIC, STATE_TOPIC] {
-                    score.topics.insert(
-                        IdentTopic::new(t).hash(),
-                        gossipsub::TopicScoreParams::default(),
-                    );
+                    let params = gossipsub::TopicScoreParams {
+                        topic_weight: 1.0,
+                        mesh_message_deliveries_weight: 0.0,
+                        mesh_failure_penalty_weight: 0.0,
+                        first_message_deliveries_weight: 0.0,
+                        invalid_message_deliveries_weight: -10.0,
+                        invalid_message_deliveries_decay: 0.5,
+                        ..Default::default()
+                    };
+                    score.topics.insert(IdentTopic::new(t).hash(), params);
                 }
                 gossipsub.with_peer_score(score, gossipsub::PeerScoreThresholds::default())?;
                 let sync = request_response::cbor::Behaviour::with_codec(
@@ -268,6 +281,7 @@ impl MeshNetwork {
                     mdns: Toggle::from(mdns),
                     gossipsub,
                     sync,
+                    blobs: libp2p_stream::Behaviour::new(),
                 })
             })
             .map_err(setup)?
@@ -321,7 +335,13 @@ impl MeshNetwork {
             strikes: HashMap::new(),
             bootstrapped: false,
             lie: config.lie,
+            unsubscribed_since: HashMap::new(),
         })
+    }
+
+    /// A handle for opening and accepting blob transfer streams.
+    pub fn blob_control(&self) -> libp2p_stream::Control {
+        self.swarm.behaviour().blobs.new_control()
     }
 
     /// Runs until `shutdown` turns true.
@@ -345,6 +365,7 @@ impl MeshNetwork {
                 _ = sync.tick() => self.start_sync_round(),
                 _ = housekeeping.tick() => {
                     self.judge_members();
+                    self.heal_silent_connections();
                     self.retry_joins();
                     self.redial_members();
                 }
@@ -429,6 +450,40 @@ impl MeshNetwork {
         self.publish(self.hb_topic.clone(), bytes);
     }
 
+    /// Gossipsub exchanges topic subscriptions only on a peer's first connection. When a peer
+    /// restarts before its old connection times out, one side never learns the other's
+    /// subscriptions and gossip stops flowing one way. A connected peer that has not shown
+    /// our heartbeat topic for a few seconds is disconnected, so that both sides reconnect
+    /// and exchange subscriptions afresh.
+    fn heal_silent_connections(&mut self) {
+        let now = Instant::now();
+        let hb = self.hb_topic.hash();
+        let subscribed: std::collections::HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&hb))
+            .map(|(p, _)| *p)
+            .collect();
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        self.unsubscribed_since.retain(|p, _| connected.contains(p));
+        for peer in connected {
+            if subscribed.contains(&peer) {
+                self.unsubscribed_since.remove(&peer);
+                continue;
+            }
+            let since = *self.unsubscribed_since.entry(peer).or_insert(now);
+            if now.duration_since(since) > Duration::from_secs(3) {
+                tracing::info!(%peer, "peer connected but not subscribed; reconnecting");
+                metrics::counter!("mesh_connection_resets_total").increment(1);
+                self.unsubscribed_since.remove(&peer);
+                self.redial.remove(&peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
     /// Re-judges members between heartbeats so a death is seen within a quarter second.
     fn judge_members(&mut self) {
         let transitions = self
@@ -444,6 +499,14 @@ impl MeshNetwork {
         for t in transitions {
             if t.peer_id == self.local().to_string() {
                 continue;
+            }
+            if t.to == MemberState::Dead
+                && let Ok(p) = t.peer_id.parse::<PeerId>()
+            {
+                // Drop whatever connection is left (a killed process sends no close): a
+                // returning node must get a fresh connection, on which gossipsub exchanges
+                // subscriptions again.
+                let _ = self.swarm.disconnect_peer_id(p);
             }
             match t.to {
                 MemberState::Alive => {

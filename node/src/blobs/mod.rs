@@ -2,3 +2,4 @@
 //! peer-to-peer transfer that fills it from other nodes, verified piece by piece.
 
 pub mod store;
+pub mod transfer;

@@ -11,6 +11,7 @@ use std::time::Instant;
 use meshwork_proto::v1::{
     self as pb,
     cluster_service_server::{ClusterService, ClusterServiceServer},
+    registry_service_server::RegistryServiceServer,
     state_service_server::{StateService, StateServiceServer},
 };
 use tokio::net::TcpListener;
@@ -20,6 +21,9 @@ use tonic::{Request, Response, Status};
 
 use crate::membership::{Member, MemberState};
 use crate::node::NodeState;
+use crate::registry::Registry;
+
+mod registry;
 use crate::replica::ReplicaError;
 use crate::state::{Entry, validate_key};
 
@@ -31,6 +35,8 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 pub async fn serve(
     listener: TcpListener,
     node: Arc<NodeState>,
+    registry: Arc<Registry>,
+    gc_grace: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -39,6 +45,9 @@ pub async fn serve(
         .await;
     health_reporter
         .set_serving::<StateServiceServer<StateApi>>()
+        .await;
+    health_reporter
+        .set_serving::<RegistryServiceServer<registry::RegistryApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meshwork_proto::FILE_DESCRIPTOR_SET)
@@ -54,6 +63,10 @@ pub async fn serve(
         )
         .add_service(
             StateServiceServer::new(StateApi { node }).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            RegistryServiceServer::new(registry::RegistryApi { registry, gc_grace })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = shutdown.changed().await;

@@ -1,0 +1,508 @@
+//! `meshctl`: the command line for a Meshwork mesh. Parses flags, calls the client library,
+//! prints tables (or JSON with `--json`).
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use meshwork_client::{MeshClient, UploadOptions, human_bytes, human_cpu, table};
+
+#[derive(Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Control a Meshwork mesh through any of its nodes."
+)]
+struct Cli {
+    /// gRPC endpoint of any node.
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_ENDPOINT",
+        default_value = "http://127.0.0.1:7100"
+    )]
+    endpoint: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Cluster secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// List the members of the mesh as the answering node sees them.
+    Nodes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the answering node and its cluster.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The replicated key-value state (low level; workloads live here too).
+    #[command(subcommand)]
+    State(StateCmd),
+    /// Content-addressed blobs (e.g. Wasm modules), named by their blake3 hash.
+    #[command(subcommand)]
+    Blob(BlobCmd),
+    /// Container images kept in the mesh (OCI layout or `docker save` tars).
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum BlobCmd {
+    /// Store a file in the mesh; prints its blake3 hash.
+    Put {
+        file: PathBuf,
+        /// Copies the mesh keeps.
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+    },
+    /// Fetch a blob (from any holder) into a file, or stdout with `-o -`.
+    Get {
+        hash: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List blobs.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Push an image tar (OCI image layout or `docker save`) under NAME:TAG.
+    Push {
+        tar: PathBuf,
+        #[arg(long)]
+        tag: String,
+        /// Copies the mesh keeps.
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+    },
+    /// List images: NAME:TAG, ROOT (blake3 of the manifest), SIZE, HOLDERS.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's manifest, layers, digests and holders.
+    Inspect {
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a tag (its blobs go at garbage collection unless used elsewhere).
+    Rm { reference: String },
+    /// Make the image complete on the answering node (peer to peer).
+    Pull { reference: String },
+    /// Collect unreferenced blobs on the answering node now.
+    Gc {
+        /// Grace period in seconds for this run (default: the node's).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Print a new random cluster secret (64 hex characters).
+    New,
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// Write VALUE (or stdin with `-`) at KEY.
+    Put { key: String, value: String },
+    /// Print the value at KEY.
+    Get { key: String },
+    /// Delete KEY.
+    Rm { key: String },
+    /// List entries under PREFIX.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Secret(SecretCmd::New) = cli.command {
+        let bytes: [u8; 32] = rand::random();
+        println!("{}", hex::encode(bytes));
+        return Ok(());
+    }
+    let mut client = MeshClient::connect(&cli.endpoint).await?;
+    match cli.command {
+        Command::Secret(_) => unreachable!("handled above"),
+        Command::Nodes { json } => {
+            let nodes = client.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        let short = n.peer_id.len().saturating_sub(8);
+                        vec![
+                            if n.is_self {
+                                format!("{}*", n.name)
+                            } else {
+                                n.name.clone()
+                            },
+                            format!("…{}", &n.peer_id[short..]),
+                            n.addr(),
+                            n.state.to_uppercase(),
+                            format!(
+                                "{}/{}",
+                                human_cpu(n.cpu_free_millis),
+                                human_cpu(n.cpu_total_millis)
+                            ),
+                            format!(
+                                "{}/{}",
+                                human_bytes(n.memory_free_bytes),
+                                human_bytes(n.memory_total_bytes)
+                            ),
+                            human_bytes(n.disk_free_bytes),
+                            n.workloads.to_string(),
+                            n.labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "NAME",
+                            "PEER",
+                            "ADDR",
+                            "STATE",
+                            "CPU (free/total)",
+                            "MEMORY (free/total)",
+                            "DISK FREE",
+                            "WORKLOADS",
+                            "LABELS"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+        Command::Info { json } => {
+            let info = client.info().await?;
+            let node = info.node.unwrap_or_default();
+            if json {
+                let v = serde_json::json!({
+                    "cluster_id": info.cluster_id,
+                    "version": info.version,
+                    "name": node.name,
+                    "peer_id": node.peer_id,
+                    "addrs": node.addrs,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("cluster  {}", info.cluster_id);
+                println!("node     {} ({})", node.name, node.peer_id);
+                println!("version  {}", info.version);
+            }
+        }
+        Command::Blob(cmd) => blob(&mut client, cmd).await?,
+        Command::Image(cmd) => image(&mut client, cmd).await?,
+        Command::State(cmd) => match cmd {
+            StateCmd::Put { key, value } => {
+                let bytes = if value == "-" {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading the value from stdin")?;
+                    buf
+                } else {
+                    value.into_bytes()
+                };
+                let e = client.put(&key, bytes).await?;
+                println!("{} written at {}", e.key, e.stamp);
+            }
+            StateCmd::Get { key } => {
+                let e = client.get(&key).await?;
+                use std::io::Write;
+                std::io::stdout().write_all(&e.raw)?;
+                if !e.raw.ends_with(b"\n") {
+                    println!();
+                }
+            }
+            StateCmd::Rm { key } => {
+                client.delete(&key).await?;
+                println!("{key} deleted");
+            }
+            StateCmd::Ls { prefix, json } => {
+                let entries = client.list(&prefix).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&entries)?);
+                } else {
+                    let rows: Vec<Vec<String>> = entries
+                        .iter()
+                        .map(|e| {
+                            let mut v = e.value.replace(['\n', '\r', '\t'], " ");
+                            if v.chars().count() > 60 {
+                                v = v.chars().take(57).collect::<String>() + "...";
+                            }
+                            vec![e.key.clone(), v, e.stamp.clone()]
+                        })
+                        .collect();
+                    print!("{}", table(&["KEY", "VALUE", "STAMP"], &rows));
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// A byte progress bar on stderr (hidden when stderr is not a terminal).
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    );
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn holders_text(holders: &[meshwork_client::proto::Holder]) -> String {
+    let names: Vec<String> = holders
+        .iter()
+        .map(|h| {
+            let n = if h.name.is_empty() {
+                &h.peer_id
+            } else {
+                &h.name
+            };
+            if h.alive {
+                n.clone()
+            } else {
+                format!("{n}(down)")
+            }
+        })
+        .collect();
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+async fn blob(client: &mut MeshClient, cmd: BlobCmd) -> anyhow::Result<()> {
+    match cmd {
+        BlobCmd::Put { file, replicas } => {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let size = f.metadata()?.len();
+            let pb = bar(size, "upload");
+            let p = pb.clone();
+            let info = client
+                .put_blob(
+                    f,
+                    UploadOptions {
+                        pinned: true,
+                        replicas,
+                        ..Default::default()
+                    },
+                    move |n| p.inc(n),
+                )
+                .await?;
+            pb.finish_and_clear();
+            println!("{}", info.blake3);
+        }
+        BlobCmd::Get { hash, output } => {
+            let to_stdout = output.as_os_str() == "-";
+            let mut out: Box<dyn std::io::Write> = if to_stdout {
+                Box::new(std::io::stdout().lock())
+            } else {
+                // Write beside the target and rename, so a failed download leaves nothing.
+                Box::new(std::fs::File::create(output.with_extension("part"))?)
+            };
+            let pb = bar(0, "download");
+            let p = pb.clone();
+            let result = client
+                .get_blob(&hash, &mut out, move |done, total| {
+                    p.set_length(total);
+                    p.set_position(done);
+                })
+                .await;
+            pb.finish_and_clear();
+            drop(out);
+            if !to_stdout {
+                if let Err(e) = result {
+                    let _ = std::fs::remove_file(output.with_extension("part"));
+                    return Err(e.into());
+                }
+                std::fs::rename(output.with_extension("part"), &output)?;
+            } else {
+                result?;
+            }
+        }
+        BlobCmd::Ls { json } => {
+            let blobs = client.blobs().await?;
+            if json {
+                let v: Vec<_> = blobs
+                    .iter()
+                    .map(|b| serde_json::json!({
+                        "blake3": b.blake3, "sha256": b.sha256, "size": b.size,
+                        "pinned": b.pinned, "replicas": b.replicas,
+                        "holders": b.holders.iter().map(|h| serde_json::json!({
+                            "peer_id": h.peer_id, "name": h.name, "alive": h.alive})).collect::<Vec<_>>(),
+                    }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = blobs
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.blake3.clone(),
+                            human_bytes(b.size),
+                            holders_text(&b.holders),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["HASH", "SIZE", "HOLDERS"], &rows));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn image_json(i: &meshwork_client::proto::Image) -> serde_json::Value {
+    let blob = |b: &Option<meshwork_client::proto::ImageBlob>| {
+        b.as_ref().map(|b| {
+            serde_json::json!({
+            "blake3": b.blake3, "sha256": b.sha256, "size": b.size, "media_type": b.media_type})
+        })
+    };
+    serde_json::json!({
+        "reference": i.reference,
+        "root": i.manifest.as_ref().map(|m| m.blake3.clone()),
+        "size": i.size,
+        "replicas": i.replicas,
+        "manifest": blob(&i.manifest),
+        "config": blob(&i.config),
+        "layers": i.layers.iter().map(|l| blob(&Some(l.clone()))).collect::<Vec<_>>(),
+        "holders": i.holders.iter().map(|h| serde_json::json!({
+            "peer_id": h.peer_id, "name": h.name, "alive": h.alive})).collect::<Vec<_>>(),
+    })
+}
+
+async fn image(client: &mut MeshClient, cmd: ImageCmd) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::Push { tar, tag, replicas } => {
+            let pb = bar(0, "push");
+            let p = pb.clone();
+            let image =
+                meshwork_client::push_image(client, &tar, &tag, replicas, move |done, total| {
+                    p.set_length(total);
+                    p.set_position(done);
+                })
+                .await?;
+            pb.finish_and_clear();
+            println!(
+                "{} pushed: root {} ({})",
+                image.reference,
+                image.manifest.as_ref().map_or("-", |m| m.blake3.as_str()),
+                human_bytes(image.size)
+            );
+        }
+        ImageCmd::Ls { json } => {
+            let images = client.images().await?;
+            if json {
+                let v: Vec<_> = images.iter().map(image_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        let root = i
+                            .manifest
+                            .as_ref()
+                            .map_or("-".to_string(), |m| m.blake3[..16].to_string());
+                        vec![
+                            i.reference.clone(),
+                            root,
+                            human_bytes(i.size),
+                            holders_text(&i.holders),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["NAME:TAG", "ROOT", "SIZE", "HOLDERS"], &rows));
+            }
+        }
+        ImageCmd::Inspect { reference, json } => {
+            let i = client.image(&reference).await?;
+            let v = image_json(&i);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        ImageCmd::Rm { reference } => {
+            client.remove_image(&reference).await?;
+            println!("{reference} removed");
+        }
+        ImageCmd::Pull { reference } => {
+            let pb = bar(0, "pull");
+            let p = pb.clone();
+            client
+                .pull_image(&reference, move |done, total| {
+                    p.set_length(total);
+                    p.set_position(done);
+                })
+                .await?;
+            pb.finish_and_clear();
+            println!("{reference} is complete on this node");
+        }
+        ImageCmd::Gc { grace_secs } => {
+            let r = client.collect_garbage(grace_secs).await?;
+            println!(
+                "removed {} blobs, {} chunks, {} freed",
+                r.blobs_removed,
+                r.chunks_removed,
+                human_bytes(r.bytes_freed)
+            );
+        }
+    }
+    Ok(())
+}

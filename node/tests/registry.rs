@@ -1,0 +1,405 @@
+//! The mesh as its own registry, with real `meshd` processes on loopback: push on one node,
+//! pull on another while several holders serve pieces, holders that die or lie, replication,
+//! garbage collection, interrupted pushes and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{TestCluster, TestNode, wait_until};
+use meshwork_client::{MeshClient, UploadOptions, oci, push_image};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Pseudo-random bytes (no repeated chunks), so the store cannot dedup within a file.
+fn noise(n: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    blake3::Hasher::new()
+        .update(&[seed])
+        .finalize_xof()
+        .fill(&mut v);
+    v
+}
+
+fn image_tar(dir: &Path, name: &str, payload: &[u8]) -> PathBuf {
+    let path = dir.join(format!("{name}.tar"));
+    oci::write_oci_layout_tar(
+        &path,
+        &[("data/payload.bin", payload, 0o644)],
+        &["/bin/true"],
+    )
+    .unwrap();
+    path
+}
+
+async fn alive_all(c: &TestCluster) {
+    let expect: Vec<(String, &str)> = c.nodes.iter().map(|n| (n.name.clone(), "alive")).collect();
+    let expect: Vec<(&str, &str)> = expect.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    for i in 0..c.nodes.len() {
+        c.wait_states(i, &expect, CONVERGE).await;
+    }
+}
+
+async fn holders_of(node: &TestNode, reference: &str) -> Vec<String> {
+    let Ok(mut c) = MeshClient::connect(&node.endpoint()).await else {
+        return vec![];
+    };
+    match c.image(reference).await {
+        Ok(i) => i
+            .holders
+            .into_iter()
+            .filter(|h| h.alive)
+            .map(|h| h.name)
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
+async fn read_layer(node: &TestNode, reference: &str) -> Vec<u8> {
+    let mut c = node.client().await;
+    let image = c.image(reference).await.unwrap();
+    let layer = &image.layers[0];
+    let mut out = Vec::new();
+    c.get_blob(&layer.blake3, &mut out, |_, _| {})
+        .await
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_on_a_replicate_and_pull_on_c_from_several_holders() {
+    let c = TestCluster::start(3);
+    alive_all(&c).await;
+    let payload = noise(6 << 20, 1);
+    let tar = image_tar(c.dir.path(), "app", &payload);
+    let mut a = c.nodes[0].client().await;
+    let image = push_image(&mut a, &tar, "app:1.0", 2, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(image.reference, "app:1.0");
+    assert_eq!(image.layers.len(), 1);
+    assert!(image.layers[0].sha256.starts_with("sha256:"));
+
+    // Replication brings a second holder without anyone asking.
+    wait_until(CONVERGE, "app:1.0 has 2 holders", || async {
+        holders_of(&c.nodes[2], "app:1.0").await.len() >= 2
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    // Whoever does not hold it pulls it peer to peer, and the bytes are the pushed bytes.
+    for node in &c.nodes {
+        wait_until(CONVERGE, "every node knows app:1.0", || async {
+            !holders_of(node, "app:1.0").await.is_empty()
+        })
+        .await
+        .unwrap();
+        let mut cl = node.client().await;
+        cl.pull_image("app:1.0", |_, _| {}).await.unwrap();
+    }
+    wait_until(CONVERGE, "n1 sees 3 holders of app:1.0", || async {
+        holders_of(&c.nodes[1], "app:1.0").await.len() == 3
+    })
+    .await
+    .unwrap();
+    let layer = read_layer(&c.nodes[2], "app:1.0").await;
+    let (_, layer_bytes) = oci_layer_of(&tar);
+    assert_eq!(blake3::hash(&layer), blake3::hash(&layer_bytes));
+
+    // The digests the image records are the OCI ones from the tar.
+    let plan = oci::plan_image(&tar).unwrap();
+    let inspected = a.image("app:1.0").await.unwrap();
+    assert_eq!(inspected.manifest.unwrap().sha256, plan.manifest.digest);
+    assert_eq!(inspected.layers[0].sha256, plan.layers[0].digest);
+}
+
+/// The first layer of an image tar: (digest, bytes).
+fn oci_layer_of(tar: &Path) -> (String, Vec<u8>) {
+    let plan = oci::plan_image(tar).unwrap();
+    let want = plan.layers[0].digest.clone();
+    let mut out = Vec::new();
+    oci::stream_blobs(tar, &plan, |b, r| -> Result<(), std::io::Error> {
+        if b.digest == want {
+            r.read_to_end(&mut out)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    (want, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_mid_pull_and_a_lying_holder_do_not_stop_the_pull() {
+    let mut c = TestCluster::start(3);
+    // A fourth node that serves corrupted pieces.
+    let secret = c.dir.path().join("secret");
+    let mut liar = TestNode::new(c.dir.path(), "liar", &secret, vec![c.nodes[0].p2p]);
+    liar.extra_args = vec!["--test-lie".into(), "corrupt-pieces".into()];
+    liar.start();
+    let everyone = [
+        ("liar", "alive"),
+        ("n0", "alive"),
+        ("n1", "alive"),
+        ("n2", "alive"),
+    ];
+    for i in 0..3 {
+        c.wait_states(i, &everyone, CONVERGE).await;
+    }
+
+    let payload = noise(40 << 20, 2);
+    let tar = image_tar(c.dir.path(), "big", &payload);
+    let mut a = c.nodes[0].client().await;
+    push_image(&mut a, &tar, "big:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    // n1 and the liar hold it too (pulled explicitly), n2 does not.
+    for node in [&c.nodes[1], &liar, &c.nodes[2]] {
+        wait_until(CONVERGE, "every node knows big:1", || async {
+            match MeshClient::connect(&node.endpoint()).await {
+                Ok(mut cl) => cl.image("big:1").await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await
+        .unwrap();
+    }
+    for node in [&c.nodes[1], &liar] {
+        let mut cl = node.client().await;
+        cl.pull_image("big:1", |_, _| {}).await.unwrap();
+    }
+    wait_until(CONVERGE, "n2 sees 3 holders of big:1", || async {
+        holders_of(&c.nodes[2], "big:1").await.len() == 3
+    })
+    .await
+    .unwrap();
+
+    // n2 pulls; as soon as bytes flow, n0 is killed.
+    let started = Arc::new(AtomicBool::new(false));
+    let s = started.clone();
+    let endpoint = c.nodes[2].endpoint();
+    let pull = tokio::spawn(async move {
+        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
+        cl.pull_image("big:1", move |done, _| {
+            if done > 0 {
+                s.store(true, Ordering::SeqCst);
+            }
+        })
+        .await
+    });
+    wait_until(CONVERGE, "the pull has started", || async {
+        started.load(Ordering::SeqCst)
+    })
+    .await
+    .unwrap();
+    c.nodes[0].kill9();
+    pull.await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("pull failed: {e}\n{}", c.logs()));
+
+    // What n2 stored is exactly what was pushed, and it caught the liar.
+    let layer = read_layer(&c.nodes[2], "big:1").await;
+    assert_eq!(blake3::hash(&layer), blake3::hash(&oci_layer_of(&tar).1));
+    let log = std::fs::read_to_string(&c.nodes[2].log).unwrap();
+    assert!(
+        log.contains("corrupt piece") || log.contains("served a corrupt piece"),
+        "n2 never saw a corrupt piece from the liar:\n{}",
+        c.nodes[2].log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_collects_what_nothing_refers_to_and_nothing_else() {
+    let c = TestCluster::start(1);
+    let mut cl = c.nodes[0].client().await;
+    let keep = image_tar(c.dir.path(), "keep", &noise(3 << 20, 3));
+    let drop = image_tar(c.dir.path(), "drop", &noise(3 << 20, 4));
+    push_image(&mut cl, &keep, "keep:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    push_image(&mut cl, &drop, "drop:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    let module = noise(100_000, 5);
+    let pinned = cl
+        .put_blob(
+            std::io::Cursor::new(module.clone()),
+            UploadOptions {
+                pinned: true,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let dropped_layer = cl.image("drop:1").await.unwrap().layers[0].blake3.clone();
+    cl.remove_image("drop:1").await.unwrap();
+
+    // Within the grace period nothing goes.
+    let r = cl.collect_garbage(Some(3600)).await.unwrap();
+    assert_eq!(r.blobs_removed, 0);
+    let r = cl.collect_garbage(Some(0)).await.unwrap();
+    assert_eq!(r.blobs_removed, 3, "manifest, config and layer of drop:1");
+    let blobs: Vec<String> = cl
+        .blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.blake3)
+        .collect();
+    assert!(!blobs.contains(&dropped_layer));
+    assert!(blobs.contains(&pinned.blake3));
+    assert_eq!(
+        read_layer(&c.nodes[0], "keep:1").await.len() as u64 > 3 << 20,
+        true
+    );
+    let mut out = Vec::new();
+    cl.get_blob(&pinned.blake3, &mut out, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(out, module);
+    let e = cl
+        .get_blob(&dropped_layer, &mut Vec::new(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_push_keeps_a_consistent_store_and_the_push_can_be_repeated() {
+    let mut c = TestCluster::start(1);
+    let tar = image_tar(c.dir.path(), "crash", &noise(64 << 20, 6));
+    let endpoint = c.nodes[0].endpoint();
+    let started = Arc::new(AtomicBool::new(false));
+    let s = started.clone();
+    let t = tar.clone();
+    let push = tokio::spawn(async move {
+        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
+        push_image(&mut cl, &t, "crash:1", 1, move |done, _| {
+            if done > (8 << 20) {
+                s.store(true, Ordering::SeqCst);
+            }
+        })
+        .await
+    });
+    wait_until(CONVERGE, "the push is under way", || async {
+        started.load(Ordering::SeqCst)
+    })
+    .await
+    .unwrap();
+    c.nodes[0].kill9();
+    assert!(
+        push.await.unwrap().is_err(),
+        "a push to a dead node cannot succeed"
+    );
+
+    c.nodes[0].start();
+    let mut cl = c.nodes[0].client().await;
+    // No half image, no blob that reads wrong.
+    assert!(cl.images().await.unwrap().is_empty());
+    for b in cl.blobs().await.unwrap() {
+        let mut out = Vec::new();
+        cl.get_blob(&b.blake3, &mut out, |_, _| {}).await.unwrap();
+        assert_eq!(blake3::hash(&out).to_hex().as_str(), b.blake3);
+    }
+    push_image(&mut cl, &tar, "crash:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        blake3::hash(&read_layer(&c.nodes[0], "crash:1").await),
+        blake3::hash(&oci_layer_of(&tar).1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushes_and_unknown_names_give_clear_errors_and_change_nothing() {
+    let c = TestCluster::start(1);
+    let mut cl = c.nodes[0].client().await;
+    let dir = c.dir.path();
+
+    let not_tar = dir.join("notes.txt");
+    std::fs::write(&not_tar, "this is not a tar").unwrap();
+    let e = push_image(&mut cl, &not_tar, "x:1", 1, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("notes.txt"), "{e}");
+
+    let plain = dir.join("plain.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&plain).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "hello.txt", &b"hello"[..]).unwrap();
+        b.finish().unwrap();
+    }
+    let e = push_image(&mut cl, &plain, "x:1", 1, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().to_lowercase().contains("oci") || e.to_string().contains("docker"),
+        "{e}"
+    );
+
+    let good = image_tar(dir, "good", b"payload");
+    let e = push_image(&mut cl, &good, "Bad Tag!", 1, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Bad Tag!"), "{e}");
+
+    // A digest the bytes do not match is refused by the node.
+    let e = cl
+        .put_blob(
+            std::io::Cursor::new(b"abc".to_vec()),
+            UploadOptions {
+                expected_sha256: Some(format!("sha256:{}", "0".repeat(64))),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+
+    // An image naming a blob that was never pushed.
+    let e = cl
+        .create_image(meshwork_client::proto::CreateImageRequest {
+            reference: "ghost:1".into(),
+            manifest: Some(meshwork_client::proto::ImageBlob {
+                blake3: "ab".repeat(32),
+                sha256: format!("sha256:{}", "cd".repeat(32)),
+                size: 10,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            }),
+            config: None,
+            layers: vec![],
+            replicas: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+
+    let e = cl
+        .get_blob(&"ab".repeat(32), &mut Vec::new(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+    assert!(e.to_string().contains(&"ab".repeat(32)), "{e}");
+    let e = cl
+        .get_blob("xyz", &mut Vec::new(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    let e = cl.image("nothere:1").await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+
+    // Nothing was registered by any of it.
+    assert!(cl.images().await.unwrap().is_empty());
+    push_image(&mut cl, &good, "good:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(cl.images().await.unwrap().len(), 1);
+}
