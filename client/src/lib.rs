@@ -364,6 +364,20 @@ impl MeshClient {
         ))
     }
 
+    /// Pulls an image onto the answering node and imports it into that node's containerd.
+    pub async fn import_image(
+        &mut self,
+        reference: &str,
+    ) -> Result<pb::ImportImageResponse, ClientError> {
+        Ok(self
+            .registry
+            .import_image(pb::ImageRef {
+                reference: reference.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
     /// Collects unreferenced blobs on the answering node.
     pub async fn collect_garbage(
         &mut self,

@@ -61,6 +61,12 @@ pub struct MeshdArgs {
     /// listening on 127.0.0.1 only unless addresses are given.
     #[arg(long)]
     pub dev: bool,
+    /// containerd's gRPC socket.
+    #[arg(long, value_name = "PATH", default_value = crate::containerd::DEFAULT_SOCKET)]
+    pub containerd_socket: PathBuf,
+    /// This node's namespace in containerd (give each node its own when they share one).
+    #[arg(long, value_name = "NAME", default_value = "meshwork")]
+    pub containerd_namespace: String,
     /// Seconds an unreferenced blob is kept before garbage collection removes it.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub blob_gc_grace_secs: u64,
@@ -247,6 +253,8 @@ impl MeshdArgs {
             detector: FailureDetector::default(),
             lie: self.test_lie,
             blob_gc_grace: Duration::from_secs(self.blob_gc_grace_secs),
+            containerd_socket: self.containerd_socket,
+            containerd_namespace: self.containerd_namespace,
         })
     }
 }

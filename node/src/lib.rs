@@ -9,6 +9,7 @@ pub mod admission;
 pub mod blobs;
 pub mod capacity;
 pub mod config;
+pub mod containerd;
 pub mod datadir;
 pub mod grpc;
 pub mod http;

@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub lie: Option<crate::p2p::LieMode>,
     /// How long an unreferenced blob is kept before garbage collection removes it.
     pub blob_gc_grace: Duration,
+    /// containerd's socket.
+    pub containerd_socket: PathBuf,
+    /// This node's containerd namespace (distinct per node when nodes share a containerd).
+    pub containerd_namespace: String,
 }
 
 /// Errors starting a node.
@@ -204,6 +208,10 @@ impl Node {
             state.clone(),
             registry.clone(),
             config.blob_gc_grace,
+            crate::grpc::ContainerdTarget {
+                socket: config.containerd_socket.clone(),
+                namespace: config.containerd_namespace.clone(),
+            },
             shutdown_rx.clone(),
         ));
         tasks.spawn(crate::http::serve(http_listener, metrics, shutdown_rx));

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blobs::store::{BlobInfo, BlobStore, Hash, StoreError};
 use crate::blobs::transfer::{self, Expected, FetchError};
+use crate::containerd::{Containerd, ContainerdError, ImageToImport, ImportReport, OciBlob};
 use crate::membership::MemberState;
 use crate::node::NodeState;
 use crate::replica::ReplicaError;
@@ -145,6 +146,9 @@ pub enum RegistryError {
     /// The replicated state failed.
     #[error(transparent)]
     State(#[from] ReplicaError),
+    /// containerd refused or is not there.
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
     /// A record in the state does not decode.
     #[error("corrupt registry record {key}: {reason}")]
     CorruptRecord {
@@ -611,6 +615,56 @@ impl Registry {
             }
         }
         pulled
+    }
+
+    /// The name containerd knows a mesh image by.
+    pub fn containerd_name(image: &ImageRecord) -> String {
+        format!("meshwork.local/{}", image.reference())
+    }
+
+    /// Pulls an image onto this node and imports it into `containerd`: content with its
+    /// sha256 digests (containerd verifies them), the image record, unpacked snapshots.
+    pub async fn import_to_containerd(
+        &self,
+        reference: &str,
+        containerd: &Containerd,
+    ) -> Result<(String, ImportReport), RegistryError> {
+        let image = self.image(reference)?;
+        for blob in image.blobs() {
+            self.ensure_local(&blob.blake3, |_| {}).await?;
+        }
+        let oci = |b: &ImageBlob| OciBlob {
+            digest: b.sha256.clone(),
+            size: b.size,
+            media_type: b.media_type.clone(),
+        };
+        let name = Self::containerd_name(&image);
+        let to_import = ImageToImport {
+            name: name.clone(),
+            manifest: oci(&image.manifest),
+            config: oci(&image.config),
+            layers: image.layers.iter().map(oci).collect(),
+        };
+        // containerd names blobs by sha256; the store by blake3.
+        let by_sha: Vec<(String, Hash)> = image
+            .blobs()
+            .map(|b| (b.sha256.clone(), b.blake3))
+            .collect();
+        let store = self.store.clone();
+        let report = containerd
+            .import(&to_import, |blob| {
+                let hash = by_sha
+                    .iter()
+                    .find(|(sha, _)| *sha == blob.digest)
+                    .map(|(_, h)| *h)
+                    .ok_or_else(|| std::io::Error::other(format!("{} is not in the image", blob.digest)))?;
+                store
+                    .reader(&hash)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+            .await?;
+        tracing::info!(image = %reference, containerd = %name, ?report, "image imported into containerd");
+        Ok((name, report))
     }
 
     /// One garbage-collection pass over the local store: keeps every blob the state still

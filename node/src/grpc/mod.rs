@@ -24,6 +24,8 @@ use crate::node::NodeState;
 use crate::registry::Registry;
 
 mod registry;
+
+pub use registry::ContainerdTarget;
 use crate::replica::ReplicaError;
 use crate::state::{Entry, validate_key};
 
@@ -37,6 +39,7 @@ pub async fn serve(
     node: Arc<NodeState>,
     registry: Arc<Registry>,
     gc_grace: std::time::Duration,
+    containerd: ContainerdTarget,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -65,7 +68,11 @@ pub async fn serve(
             StateServiceServer::new(StateApi { node }).max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            RegistryServiceServer::new(registry::RegistryApi { registry, gc_grace })
+            RegistryServiceServer::new(registry::RegistryApi {
+                registry,
+                gc_grace,
+                containerd,
+            })
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

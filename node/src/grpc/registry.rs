@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blobs::store::Hash;
+use crate::containerd::{Containerd, ContainerdError};
 use crate::registry::{DEFAULT_REPLICAS, ImageBlob, ImageRecord, Registry, RegistryError};
 
 /// Bytes per message when streaming a blob to a client.
@@ -21,6 +22,16 @@ const DOWNLOAD_PIECE: usize = 256 * 1024;
 pub struct RegistryApi {
     pub(super) registry: Arc<Registry>,
     pub(super) gc_grace: Duration,
+    pub(super) containerd: ContainerdTarget,
+}
+
+/// Where this node's containerd is, and the namespace the node uses in it.
+#[derive(Debug, Clone)]
+pub struct ContainerdTarget {
+    /// containerd's gRPC socket.
+    pub socket: std::path::PathBuf,
+    /// The containerd namespace of this node.
+    pub namespace: String,
 }
 
 fn status(e: RegistryError) -> Status {
@@ -36,6 +47,9 @@ fn status(e: RegistryError) -> Status {
             "{e}: every node that had it is gone; push it again"
         )),
         RegistryError::Fetch(_) => Status::unavailable(e.to_string()),
+        RegistryError::Containerd(ContainerdError::NotRunning { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
         RegistryError::Store(ref s) if is_disk_full(s) => {
             Status::resource_exhausted(format!("{e} (the disk of this node is full)"))
         }
@@ -368,6 +382,27 @@ impl RegistryService for RegistryApi {
             blobs_removed: report.blobs_removed as u64,
             chunks_removed: report.chunks_removed as u64,
             bytes_freed: report.bytes_freed,
+        }))
+    }
+
+    async fn import_image(
+        &self,
+        req: Request<pb::ImageRef>,
+    ) -> Result<Response<pb::ImportImageResponse>, Status> {
+        let reference = req.into_inner().reference;
+        let containerd = Containerd::connect(&self.containerd.socket, &self.containerd.namespace)
+            .await
+            .map_err(|e| status(e.into()))?;
+        let (name, report) = self
+            .registry
+            .import_to_containerd(&reference, &containerd)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ImportImageResponse {
+            containerd_name: name,
+            blobs_written: report.blobs_written as u32,
+            blobs_present: report.blobs_present as u32,
+            layers_unpacked: report.layers_unpacked as u32,
         }))
     }
 }

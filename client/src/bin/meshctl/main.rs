@@ -106,6 +106,8 @@ enum ImageCmd {
     Rm { reference: String },
     /// Make the image complete on the answering node (peer to peer).
     Pull { reference: String },
+    /// Pull the image onto the answering node and import it into its containerd.
+    Import { reference: String },
     /// Collect unreferenced blobs on the answering node now.
     Gc {
         /// Grace period in seconds for this run (default: the node's).
@@ -493,6 +495,13 @@ async fn image(client: &mut MeshClient, cmd: ImageCmd) -> anyhow::Result<()> {
                 .await?;
             pb.finish_and_clear();
             println!("{reference} is complete on this node");
+        }
+        ImageCmd::Import { reference } => {
+            let r = client.import_image(&reference).await?;
+            println!(
+                "{reference} is in containerd as {} ({} blobs written, {} already there, {} layers unpacked)",
+                r.containerd_name, r.blobs_written, r.blobs_present, r.layers_unpacked
+            );
         }
         ImageCmd::Gc { grace_secs } => {
             let r = client.collect_garbage(grace_secs).await?;
