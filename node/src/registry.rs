@@ -319,7 +319,8 @@ impl Registry {
         pinned: bool,
         replicas: u32,
     ) -> Result<(BlobInfo, BlobMeta), RegistryError> {
-        let info = self.store.import(reader)?;
+        // The pins keep the new blob from collection until its record is written.
+        let (info, _pins) = self.store.import(reader)?;
         if let Some(want) = expected_sha256
             && want != info.sha256
         {
@@ -657,7 +658,9 @@ impl Registry {
                     .iter()
                     .find(|(sha, _)| *sha == blob.digest)
                     .map(|(_, h)| *h)
-                    .ok_or_else(|| std::io::Error::other(format!("{} is not in the image", blob.digest)))?;
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("{} is not in the image", blob.digest))
+                    })?;
                 store
                     .reader(&hash)
                     .map_err(|e| std::io::Error::other(e.to_string()))

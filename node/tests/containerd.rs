@@ -57,11 +57,21 @@ async fn an_image_pushed_on_one_node_runs_in_another_nodes_containerd() {
     let mut b = TestNode::new(dir.path(), "n1", &secret, vec![a.p2p]);
     b.extra_args = vec!["--containerd-namespace".into(), ns.clone()];
     b.start();
-    let c = TestCluster { dir, nodes: vec![a, b] };
-    c.wait_states(1, &[("n0", "alive"), ("n1", "alive")], Duration::from_secs(60)).await;
+    let c = TestCluster {
+        dir,
+        nodes: vec![a, b],
+    };
+    c.wait_states(
+        1,
+        &[("n0", "alive"), ("n1", "alive")],
+        Duration::from_secs(60),
+    )
+    .await;
 
     let mut on_a = c.nodes[0].client().await;
-    push_image(&mut on_a, &tar, "busybox:1", 1, |_, _| {}).await.unwrap();
+    push_image(&mut on_a, &tar, "busybox:1", 1, |_, _| {})
+        .await
+        .unwrap();
     let mut on_b = c.nodes[1].client().await;
     common::wait_until(Duration::from_secs(60), "n1 knows busybox:1", || {
         let mut cl = on_b.clone();
@@ -75,9 +85,24 @@ async fn an_image_pushed_on_one_node_runs_in_another_nodes_containerd() {
 
     let images = ctr(&ns, &["images", "ls", "-q"]);
     assert!(String::from_utf8_lossy(&images.stdout).contains("meshwork.local/busybox:1"));
-    let run = ctr(&ns, &["run", "--rm", "meshwork.local/busybox:1", &format!("t{}", std::process::id())]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "hello from meshwork");
+    let run = ctr(
+        &ns,
+        &[
+            "run",
+            "--rm",
+            "meshwork.local/busybox:1",
+            &format!("t{}", std::process::id()),
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        "hello from meshwork"
+    );
 
     // Importing again writes nothing new.
     let again = on_b.import_image("busybox:1").await.unwrap();
@@ -99,7 +124,9 @@ async fn import_without_containerd_is_a_clear_error() {
     let tar = dir.path().join("img.tar");
     oci::write_oci_layout_tar(&tar, &[("f", b"x", 0o644)], &["/f"]).unwrap();
     let mut cl = a.client().await;
-    push_image(&mut cl, &tar, "img:1", 1, |_, _| {}).await.unwrap();
+    push_image(&mut cl, &tar, "img:1", 1, |_, _| {})
+        .await
+        .unwrap();
     let e = cl.import_image("img:1").await.unwrap_err();
     assert_eq!(e.code(), Some(tonic::Code::FailedPrecondition), "{e}");
     assert!(e.to_string().contains("containerd is not running"), "{e}");

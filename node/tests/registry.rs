@@ -403,3 +403,35 @@ async fn bad_pushes_and_unknown_names_give_clear_errors_and_change_nothing() {
         .unwrap();
     assert_eq!(cl.images().await.unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_is_replaced_by_a_new_copy() {
+    let mut c = TestCluster::start(3);
+    alive_all(&c).await;
+    let tar = image_tar(c.dir.path(), "rep", &noise(3 << 20, 9));
+    let mut a = c.nodes[0].client().await;
+    push_image(&mut a, &tar, "rep:1", 2, |_, _| {})
+        .await
+        .unwrap();
+    wait_until(CONVERGE, "rep:1 has 2 holders", || async {
+        holders_of(&c.nodes[0], "rep:1").await.len() == 2
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let holders = holders_of(&c.nodes[0], "rep:1").await;
+    // Kill a holder other than n0 if there is one, else n0's partner; watch from a survivor.
+    let victim = if holders.contains(&"n1".to_string()) {
+        1
+    } else {
+        2
+    };
+    let observer = 3 - victim; // the other of n1/n2
+    c.nodes[victim].kill9();
+    let observer_node = &c.nodes[observer];
+    wait_until(CONVERGE, "rep:1 is back to 2 live holders", || async {
+        let h = holders_of(observer_node, "rep:1").await;
+        h.len() == 2 && !h.contains(&format!("n{victim}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}

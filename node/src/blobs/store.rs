@@ -13,17 +13,22 @@
 //! lines with no tree arithmetic, and chunk-level dedup comes for free. What we give up is
 //! verifying ranges smaller than a chunk, which a pull never needs.
 //!
+//! **Collection during writes.** A push or pull [`Pins`] every chunk (and the blob) it
+//! writes or relies on until it is done; garbage collection never removes a pinned hash, so
+//! it is safe to run at any moment, with any grace period.
+//!
 //! **Atomicity.** Every file is written to `tmp/`, fsynced and renamed into place, and a
 //! blob's list is written only after all its chunks are durable and the whole blob has been
 //! re-hashed. A kill -9 at any point leaves either a complete blob or stray chunks that
 //! garbage collection removes; never a blob that reads wrong.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -183,6 +188,41 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 pub struct BlobStore {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    pins: Mutex<HashMap<Hash, usize>>,
+}
+
+/// Hashes that garbage collection must leave alone while this guard lives.
+pub struct Pins<'a> {
+    store: &'a BlobStore,
+    held: Vec<Hash>,
+}
+
+impl Pins<'_> {
+    /// Protects one more hash (a chunk or a blob).
+    pub fn add(&mut self, h: Hash) {
+        *self
+            .store
+            .pins
+            .lock()
+            .expect("pins lock")
+            .entry(h)
+            .or_default() += 1;
+        self.held.push(h);
+    }
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        let mut pins = self.store.pins.lock().expect("pins lock");
+        for h in self.held.drain(..) {
+            if let Some(n) = pins.get_mut(&h) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&h);
+                }
+            }
+        }
+    }
 }
 
 impl BlobStore {
@@ -199,6 +239,7 @@ impl BlobStore {
         Ok(Self {
             root: root.to_path_buf(),
             tmp_seq: AtomicU64::new(0),
+            pins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -306,10 +347,19 @@ impl BlobStore {
         })
     }
 
+    /// A new, empty pin guard.
+    pub fn pins(&self) -> Pins<'_> {
+        Pins {
+            store: self,
+            held: Vec::new(),
+        }
+    }
+
     /// Starts writing a new blob from a stream of bytes.
     pub fn writer(&self) -> BlobWriter<'_> {
         BlobWriter {
             store: self,
+            pins: self.pins(),
             buf: Vec::with_capacity(CHUNK_SIZE),
             chunks: Vec::new(),
             size: 0,
@@ -318,8 +368,9 @@ impl BlobStore {
         }
     }
 
-    /// Copies a whole reader into the store.
-    pub fn import(&self, mut reader: impl Read) -> Result<BlobInfo, StoreError> {
+    /// Copies a whole reader into the store. The blob stays pinned while the returned guard
+    /// lives, so the caller can record it before collection may consider it.
+    pub fn import(&self, mut reader: impl Read) -> Result<(BlobInfo, Pins<'_>), StoreError> {
         let mut w = self.writer();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
@@ -391,9 +442,12 @@ impl BlobStore {
         let mut used: HashSet<Hash> = HashSet::new();
         for (h, _) in self.blobs()? {
             if !keep.contains(&h) && old(&self.list_path(&h)) {
-                self.remove(&h)?;
-                report.blobs_removed += 1;
-                continue;
+                let pins = self.pins.lock().expect("pins lock");
+                if !pins.contains_key(&h) {
+                    self.remove(&h)?;
+                    report.blobs_removed += 1;
+                    continue;
+                }
             }
             used.extend(self.chunk_list(&h)?.chunks);
         }
@@ -410,6 +464,11 @@ impl BlobStore {
                     continue;
                 };
                 if !used.contains(&h) && old(&path) {
+                    // Holding the lock while removing: a writer pins before it writes.
+                    let pins = self.pins.lock().expect("pins lock");
+                    if pins.contains_key(&h) {
+                        continue;
+                    }
                     let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(&path).map_err(io_err(&path))?;
                     report.chunks_removed += 1;
@@ -441,6 +500,7 @@ pub struct GcReport {
 /// Streams a new blob into the store, chunk by chunk.
 pub struct BlobWriter<'a> {
     store: &'a BlobStore,
+    pins: Pins<'a>,
     buf: Vec<u8>,
     chunks: Vec<Hash>,
     size: u64,
@@ -448,7 +508,7 @@ pub struct BlobWriter<'a> {
     sha: sha2::Sha256,
 }
 
-impl BlobWriter<'_> {
+impl<'a> BlobWriter<'a> {
     /// Appends bytes.
     pub fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
         self.b3.update(data);
@@ -467,6 +527,7 @@ impl BlobWriter<'_> {
 
     fn flush_chunk(&mut self) -> Result<(), StoreError> {
         let h = Hash::of(&self.buf);
+        self.pins.add(h);
         self.store.put_chunk(&h, &self.buf)?;
         self.chunks.push(h);
         self.buf.clear();
@@ -483,8 +544,9 @@ impl BlobWriter<'_> {
         self.size == 0
     }
 
-    /// Stores the last chunk and commits the blob.
-    pub fn finish(mut self) -> Result<BlobInfo, StoreError> {
+    /// Stores the last chunk and commits the blob, which stays pinned while the returned
+    /// guard lives.
+    pub fn finish(mut self) -> Result<(BlobInfo, Pins<'a>), StoreError> {
         if !self.buf.is_empty() {
             self.flush_chunk()?;
         }
@@ -493,18 +555,20 @@ impl BlobWriter<'_> {
             chunks: std::mem::take(&mut self.chunks),
         };
         let hash = Hash(*self.b3.finalize().as_bytes());
+        self.pins.add(hash);
         let path = self.store.list_path(&hash);
         if !path.exists() {
             self.store.write_atomic(&path, &list.encode())?;
         } else {
             touch(&path);
         }
-        Ok(BlobInfo {
+        let info = BlobInfo {
             hash,
             size: list.size,
             chunks_hash: list.hash(),
             sha256: format!("sha256:{}", hex::encode(self.sha.finalize())),
-        })
+        };
+        Ok((info, self.pins))
     }
 }
 
@@ -553,6 +617,10 @@ impl Read for BlobReader<'_> {
 mod tests {
     use super::*;
 
+    fn drop_pins(p: Pins<'_>) {
+        std::mem::drop(p);
+    }
+
     /// Pseudo-random bytes with no repeating chunks.
     fn data(n: usize, seed: u8) -> Vec<u8> {
         let mut v = vec![0u8; n];
@@ -576,7 +644,7 @@ mod tests {
             3 * CHUNK_SIZE + 17,
         ] {
             let bytes = data(n, 1);
-            let info = store.import(&bytes[..]).unwrap();
+            let (info, _) = store.import(&bytes[..]).unwrap();
             assert_eq!(info.hash, Hash::of(&bytes));
             assert_eq!(info.size, n as u64);
             let sha = hex::encode(sha2::Sha256::digest(&bytes));
@@ -674,8 +742,9 @@ mod tests {
     fn gc_keeps_referenced_and_young_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let keep = store.import(&data(CHUNK_SIZE + 1, 1)[..]).unwrap();
-        let drop = store.import(&data(CHUNK_SIZE + 1, 2)[..]).unwrap();
+        let (keep, _) = store.import(&data(CHUNK_SIZE + 1, 1)[..]).unwrap();
+        let (drop, pins) = store.import(&data(CHUNK_SIZE + 1, 2)[..]).unwrap();
+        drop_pins(pins);
         let keep_set = HashSet::from([keep.hash]);
         // within the grace period nothing goes
         let r = store
@@ -696,10 +765,44 @@ mod tests {
     }
 
     #[test]
+    fn collection_never_removes_what_a_write_in_progress_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let mut w = store.writer();
+        w.write(&data(2 * CHUNK_SIZE, 8)).unwrap();
+        // A collection with no grace at all, in the middle of the write.
+        let r = store
+            .collect_garbage(&HashSet::new(), Duration::ZERO)
+            .unwrap();
+        assert_eq!(r.chunks_removed, 0);
+        let (info, pins) = w.finish().unwrap();
+        let r = store
+            .collect_garbage(&HashSet::new(), Duration::ZERO)
+            .unwrap();
+        assert_eq!(
+            r,
+            GcReport::default(),
+            "the finished blob is pinned until recorded"
+        );
+        let mut back = Vec::new();
+        store
+            .reader(&info.hash)
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data(2 * CHUNK_SIZE, 8));
+        drop(pins);
+        let r = store
+            .collect_garbage(&HashSet::new(), Duration::ZERO)
+            .unwrap();
+        assert_eq!((r.blobs_removed, r.chunks_removed), (1, 2));
+    }
+
+    #[test]
     fn corruption_on_disk_is_detected_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let info = store.import(&data(5000, 1)[..]).unwrap();
+        let (info, _) = store.import(&data(5000, 1)[..]).unwrap();
         let list = store.chunk_list(&info.hash).unwrap();
         fs::write(store.chunk_path(&list.chunks[0]), b"rot").unwrap();
         let mut out = Vec::new();

@@ -272,7 +272,13 @@ pub async fn fetch(
         asked: holders.len(),
     })?;
 
-    // 2. The chunks we lack, from every honest holder at once.
+    // 2. The chunks we lack, from every honest holder at once. Every chunk of the blob is
+    // pinned until the commit, so a collection running meanwhile cannot take any of them.
+    let mut pins = store.pins();
+    for h in &list.chunks {
+        pins.add(*h);
+    }
+    pins.add(blob);
     let mut seen = HashSet::new();
     let mut queue = VecDeque::new();
     for (i, h) in list.chunks.iter().enumerate() {
@@ -352,6 +358,7 @@ pub async fn fetch(
     let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list))
         .await
         .expect("commit task")?;
+    drop(pins);
     for peer in &report.liars {
         metrics::counter!("mesh_blob_liars_total").increment(1);
         tracing::warn!(%peer, %blob, "dropped a holder that served corrupt pieces");

@@ -25,9 +25,9 @@ use crate::registry::Registry;
 
 mod registry;
 
-pub use registry::ContainerdTarget;
 use crate::replica::ReplicaError;
 use crate::state::{Entry, validate_key};
+pub use registry::ContainerdTarget;
 
 /// Largest request decoded, in bytes; larger values than the state accepts still decode, so
 /// that the answer names the limit instead of a transport error.
@@ -73,7 +73,7 @@ pub async fn serve(
                 gc_grace,
                 containerd,
             })
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = shutdown.changed().await;
