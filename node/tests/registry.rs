@@ -251,10 +251,7 @@ async fn gc_collects_what_nothing_refers_to_and_nothing_else() {
         .collect();
     assert!(!blobs.contains(&dropped_layer));
     assert!(blobs.contains(&pinned.blake3));
-    assert_eq!(
-        read_layer(&c.nodes[0], "keep:1").await.len() as u64 > 3 << 20,
-        true
-    );
+    assert!(read_layer(&c.nodes[0], "keep:1").await.len() as u64 > 3 << 20);
     let mut out = Vec::new();
     cl.get_blob(&pinned.blake3, &mut out, |_, _| {})
         .await

@@ -104,7 +104,7 @@ impl ChunkList {
 
     /// Decodes [`ChunkList::encode`]'s output, checking that it is consistent.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < 8 || (bytes.len() - 8) % 32 != 0 {
+        if bytes.len() < 8 || !(bytes.len() - 8).is_multiple_of(32) {
             return None;
         }
         let size = u64::from_le_bytes(bytes[..8].try_into().ok()?);

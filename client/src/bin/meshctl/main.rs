@@ -473,11 +473,40 @@ async fn image(client: &mut MeshClient, cmd: ImageCmd) -> anyhow::Result<()> {
         }
         ImageCmd::Inspect { reference, json } => {
             let i = client.image(&reference).await?;
-            let v = image_json(&i);
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&image_json(&i))?);
             } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("image     {}", i.reference);
+                println!("size      {}", human_bytes(i.size));
+                println!("replicas  {}", i.replicas);
+                println!("holders   {}", holders_text(&i.holders));
+                let mut rows = Vec::new();
+                let mut row = |kind: String, b: &meshwork_client::proto::ImageBlob| {
+                    rows.push(vec![
+                        kind,
+                        b.sha256.clone(),
+                        b.blake3.clone(),
+                        human_bytes(b.size),
+                        b.media_type.clone(),
+                    ]);
+                };
+                if let Some(m) = &i.manifest {
+                    row("manifest".into(), m);
+                }
+                if let Some(c) = &i.config {
+                    row("config".into(), c);
+                }
+                for (n, l) in i.layers.iter().enumerate() {
+                    row(format!("layer {n}"), l);
+                }
+                println!();
+                print!(
+                    "{}",
+                    table(
+                        &["BLOB", "OCI DIGEST", "BLAKE3", "SIZE", "MEDIA TYPE"],
+                        &rows
+                    )
+                );
             }
         }
         ImageCmd::Rm { reference } => {
