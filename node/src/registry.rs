@@ -8,6 +8,7 @@
 //! | `blob/<blake3>` | [`BlobMeta`]: size, `chunks_hash`, sha256, pinned, wanted replicas |
 //! | `holder/<blake3>/<peer id>` | present while that node has the whole blob |
 //! | `image/<name>:<tag>` | [`ImageRecord`]: manifest, config and layers with both digests |
+//! | `pulling/<blake3>/<peer id>` | present while that node pulls the blob (it shares pieces) |
 //!
 //! Bytes live in each node's [`BlobStore`] and move with [`transfer::fetch`].
 //!
@@ -25,7 +26,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::blobs::store::{BlobInfo, BlobStore, Hash, StoreError};
-use crate::blobs::transfer::{self, Expected, FetchError};
+use crate::blobs::transfer::{self, Expected, FetchError, Source};
 use crate::containerd::{Containerd, ContainerdError, ImageToImport, ImportReport, OciBlob};
 use crate::membership::MemberState;
 use crate::node::NodeState;
@@ -34,6 +35,7 @@ use crate::replica::ReplicaError;
 const BLOB_PREFIX: &str = "blob/";
 const HOLDER_PREFIX: &str = "holder/";
 const IMAGE_PREFIX: &str = "image/";
+const PULLING_PREFIX: &str = "pulling/";
 /// Copies of each blob the mesh keeps by default.
 pub const DEFAULT_REPLICAS: u32 = 2;
 
@@ -362,6 +364,43 @@ impl Registry {
         out
     }
 
+    /// Live nodes to fetch a blob from: its holders, and other nodes pulling it right now.
+    pub fn sources(&self, hash: &Hash) -> Vec<Source> {
+        let me = self.node.peer_id;
+        let mut out: Vec<Source> = self
+            .holders(hash)
+            .into_iter()
+            .filter(|h| h.alive && h.peer != me)
+            .map(|h| Source {
+                peer: h.peer,
+                complete: true,
+            })
+            .collect();
+        let prefix = format!("{PULLING_PREFIX}{hash}/");
+        let pullers: Vec<String> = {
+            let replica = self.node.replica.lock().expect("replica lock");
+            replica
+                .map()
+                .list(&prefix)
+                .map(|e| e.key[prefix.len()..].to_string())
+                .collect()
+        };
+        let table = self.node.membership.read().expect("membership lock");
+        for p in pullers {
+            let alive = table.get(&p).is_some_and(|m| m.state == MemberState::Alive);
+            if let (true, Ok(peer)) = (alive, p.parse::<PeerId>())
+                && peer != me
+                && !out.iter().any(|s| s.peer == peer)
+            {
+                out.push(Source {
+                    peer,
+                    complete: false,
+                });
+            }
+        }
+        out
+    }
+
     /// Makes a blob complete in the local store, pulling it from holders if needed.
     pub async fn ensure_local(
         &self,
@@ -372,20 +411,21 @@ impl Registry {
             .blob_meta(hash)?
             .ok_or(RegistryError::UnknownBlob(*hash))?;
         if !self.store.has(hash) {
-            let holders: Vec<PeerId> = self
-                .holders(hash)
-                .into_iter()
-                .filter(|h| h.alive && h.peer != self.node.peer_id)
-                .map(|h| h.peer)
-                .collect();
             let expected = Expected {
                 hash: *hash,
                 chunks_hash: meta.chunks_hash,
             };
-            let (info, report) =
-                transfer::fetch(&self.control, &self.store, expected, &holders, progress).await?;
-            tracing::info!(blob = %hash, fetched = report.chunks_fetched,
-                present = report.chunks_present, liars = report.liars.len(), "blob pulled");
+            // Tell fellow pullers that this node has pieces to share while it pulls.
+            let pulling_key = format!("{PULLING_PREFIX}{hash}/{}", self.node.peer_id);
+            self.node.write(&pulling_key, Some(b"1".to_vec()))?;
+            let sources = || self.sources(hash);
+            let result =
+                transfer::fetch(&self.control, &self.store, expected, sources, progress).await;
+            self.node.write(&pulling_key, None)?;
+            let (info, report) = result?;
+            tracing::info!(blob = %hash, from_holders = report.chunks_from_holders,
+                from_pullers = report.chunks_from_pullers, present = report.chunks_present,
+                liars = report.liars.len(), "blob pulled");
             self.record_local(&info, meta.pinned, meta.replicas)?;
             return Ok(info);
         }

@@ -228,7 +228,7 @@ impl Drop for Pins<'_> {
 impl BlobStore {
     /// Opens (creating) the store; leftovers of interrupted writes in `tmp/` are removed.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        for d in ["chunks", "lists", "tmp"] {
+        for d in ["chunks", "lists", "partial", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -319,6 +319,30 @@ impl BlobStore {
             _ => StoreError::Io { path, source: e },
         })?;
         ChunkList::decode(&bytes).ok_or(StoreError::CorruptList(*h))
+    }
+
+    fn partial_path(&self, h: &Hash) -> PathBuf {
+        self.root.join("partial").join(h.to_hex())
+    }
+
+    /// Records the (verified) chunk list of a blob being pulled, so that this node can serve
+    /// the chunks it already has to other pullers before it has them all.
+    pub fn put_partial_list(&self, h: &Hash, list: &ChunkList) -> Result<(), StoreError> {
+        self.write_atomic(&self.partial_path(h), &list.encode())
+    }
+
+    /// The chunk list of a blob, complete or being pulled.
+    pub fn any_list(&self, h: &Hash) -> Option<ChunkList> {
+        self.chunk_list(h).ok().or_else(|| {
+            fs::read(self.partial_path(h))
+                .ok()
+                .and_then(|b| ChunkList::decode(&b))
+        })
+    }
+
+    /// Forgets the partial list of a blob (after its pull committed or gave up).
+    pub fn remove_partial_list(&self, h: &Hash) {
+        let _ = fs::remove_file(self.partial_path(h));
     }
 
     /// Marks a blob complete once every chunk of `list` is stored and the chunks, read back
@@ -440,6 +464,21 @@ impl BlobStore {
         };
         let mut report = GcReport::default();
         let mut used: HashSet<Hash> = HashSet::new();
+        // Partial lists of pulls that died with their node.
+        let partial = self.root.join("partial");
+        for e in fs::read_dir(&partial).map_err(io_err(&partial))? {
+            let path = e.map_err(io_err(&partial))?.path();
+            let h = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<Hash>().ok());
+            if let Some(h) = h
+                && old(&path)
+                && !self.pins.lock().expect("pins lock").contains_key(&h)
+            {
+                let _ = fs::remove_file(&path);
+            }
+        }
         for (h, _) in self.blobs()? {
             if !keep.contains(&h) && old(&self.list_path(&h)) {
                 let pins = self.pins.lock().expect("pins lock");

@@ -6,7 +6,17 @@
 //!
 //! - `List(blob)`: status byte, `u32` length, the blob's [`ChunkList`] encoding;
 //! - `Chunks([h..])` (at most [`MAX_CHUNKS_PER_REQUEST`]): for each, status byte, `u32`
-//!   length, the chunk's bytes.
+//!   length, the chunk's bytes;
+//! - `Have(blob)`: status byte, `u32` length, a bitmap of the chunks of the blob this node has
+//!   (all ones for a complete blob; the progress of a pull in flight otherwise).
+//!
+//! Pulls share: a node that is pulling a blob serves the chunks it already has, and pullers
+//! find each other through `pulling/` records in the replicated state. A puller takes from its
+//! fellow pullers every chunk they have, and from the complete holders (the seeders of last
+//! resort) preferably the chunks no fellow puller has yet; each puller walks the blob in its own
+//! random order, so that concurrent pullers fetch different chunks from the seeders and then
+//! trade them. This is what keeps the upload of the first holder near one copy when many nodes
+//! pull the same image at once.
 //!
 //! The puller ([`fetch`]) checks the list against the `chunks_hash` recorded in the replicated
 //! state and every chunk against its hash before writing it, so a lying holder is caught at
@@ -15,7 +25,7 @@
 //! a holder that dies mid-transfer loses its in-flight pieces to the others. Chunks already
 //! in the store are not fetched again, so an interrupted pull resumes where it stopped.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -41,6 +51,8 @@ pub enum BlobRequest {
     List(Hash),
     /// Some chunks' bytes.
     Chunks(Vec<Hash>),
+    /// Which chunks of a blob this node has.
+    Have(Hash),
 }
 
 /// How the server misbehaves, for tests of the puller's defences.
@@ -97,12 +109,33 @@ async fn serve_stream(
         match request {
             BlobRequest::List(h) => {
                 let s = store.clone();
-                let list = tokio::task::spawn_blocking(move || s.chunk_list(&h))
+                let list = tokio::task::spawn_blocking(move || s.any_list(&h))
                     .await
                     .map_err(std::io::Error::other)?;
                 match list {
-                    Ok(l) => write_frame(&mut stream, OK, &l.encode()).await?,
-                    Err(_) => write_frame(&mut stream, MISSING, &[]).await?,
+                    Some(l) => write_frame(&mut stream, OK, &l.encode()).await?,
+                    None => write_frame(&mut stream, MISSING, &[]).await?,
+                }
+            }
+            BlobRequest::Have(h) => {
+                let s = store.clone();
+                let bitmap = tokio::task::spawn_blocking(move || {
+                    let complete = s.has(&h);
+                    s.any_list(&h).map(|l| {
+                        let mut bits = vec![0u8; l.chunks.len().div_ceil(8)];
+                        for (i, c) in l.chunks.iter().enumerate() {
+                            if complete || s.has_chunk(c) {
+                                bits[i / 8] |= 1 << (i % 8);
+                            }
+                        }
+                        bits
+                    })
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                match bitmap {
+                    Some(b) => write_frame(&mut stream, OK, &b).await?,
+                    None => write_frame(&mut stream, MISSING, &[]).await?,
                 }
             }
             BlobRequest::Chunks(hashes) => {
@@ -172,6 +205,15 @@ pub struct Expected {
     pub chunks_hash: Hash,
 }
 
+/// A node to fetch from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source {
+    /// The node.
+    pub peer: PeerId,
+    /// It has the whole blob (a holder); otherwise it is pulling it too.
+    pub complete: bool,
+}
+
 /// Why a pull failed. Chunks fetched so far stay in the store for the next attempt.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -208,8 +250,10 @@ pub enum FetchError {
 /// What a pull did.
 #[derive(Debug, Clone, Default)]
 pub struct FetchReport {
-    /// Chunks fetched from peers.
-    pub chunks_fetched: usize,
+    /// Chunks fetched from complete holders.
+    pub chunks_from_holders: usize,
+    /// Chunks fetched from fellow pullers.
+    pub chunks_from_pullers: usize,
     /// Chunks already present (dedup or resume).
     pub chunks_present: usize,
     /// Holders dropped for serving bad pieces.
@@ -218,20 +262,71 @@ pub struct FetchReport {
     pub failed: Vec<PeerId>,
 }
 
-struct PullState {
-    queue: Mutex<VecDeque<usize>>,
+/// Shared state of one pull.
+struct Pull {
+    blob: Hash,
     list: ChunkList,
+    /// Chunk indexes still to fetch, in this puller's own random order.
+    queue: Mutex<Vec<usize>>,
     remaining: AtomicU64,
     done: AtomicBool,
+    /// What each fellow puller has, as last asked.
+    peer_has: Mutex<HashMap<PeerId, Vec<u8>>>,
 }
 
-/// Pulls a blob from `holders` into `store`, verifying everything. `progress` is called with
-/// the bytes of each chunk as it is stored.
+impl Pull {
+    fn has_bit(bits: &[u8], i: usize) -> bool {
+        bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    /// Takes up to `n` chunks for `source`: from a fellow puller only chunks it has; from a
+    /// holder, chunks no fellow puller has first (unless `any`).
+    fn take(&self, source: &Source, n: usize, any: bool) -> Vec<usize> {
+        let mut queue = self.queue.lock().expect("queue lock");
+        let peer_has = self.peer_has.lock().expect("have lock");
+        let wanted = |i: usize| -> bool {
+            if source.complete {
+                any || !peer_has.values().any(|bits| Self::has_bit(bits, i))
+            } else {
+                peer_has
+                    .get(&source.peer)
+                    .is_some_and(|bits| Self::has_bit(bits, i))
+            }
+        };
+        let mut out = Vec::new();
+        let mut k = 0;
+        while k < queue.len() && out.len() < n {
+            if wanted(queue[k]) {
+                out.push(queue.swap_remove(k));
+            } else {
+                k += 1;
+            }
+        }
+        out
+    }
+
+    fn give_back(&self, chunks: &[usize]) {
+        self.queue
+            .lock()
+            .expect("queue lock")
+            .extend_from_slice(chunks);
+    }
+
+    fn stored_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Pulls a blob into `store`, verifying everything. `sources` is asked for the current
+/// holders and fellow pullers at the start and then twice a second, so pullers that start
+/// later are used too. `progress` is called with the bytes of each chunk as it is stored.
 pub async fn fetch(
     control: &libp2p_stream::Control,
     store: &Arc<BlobStore>,
     expected: Expected,
-    holders: &[PeerId],
+    sources: impl Fn() -> Vec<Source> + Send + Sync,
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<(BlobInfo, FetchReport), FetchError> {
     let blob = expected.hash;
@@ -243,44 +338,48 @@ pub async fn fetch(
             .expect("commit task")?;
         return Ok((info, FetchReport::default()));
     }
-    if holders.is_empty() {
+    let initial = sources();
+    if initial.is_empty() {
         return Err(FetchError::NoHolders(blob));
     }
     let mut report = FetchReport::default();
 
-    // 1. The chunk list, checked against the replicated state.
+    // 1. The chunk list, checked against the replicated state (holders first).
     let mut list = None;
-    for peer in holders {
-        match fetch_list(control.clone(), *peer, blob).await {
+    let mut ordered = initial.clone();
+    ordered.sort_by_key(|s| !s.complete);
+    for src in &ordered {
+        match fetch_list(control.clone(), src.peer, blob).await {
             Ok(Some(l)) if l.hash() == expected.chunks_hash => {
                 list = Some(l);
                 break;
             }
             Ok(Some(_)) => {
-                tracing::warn!(%peer, %blob, "holder served a chunk list that does not match");
-                report.liars.push(*peer);
+                tracing::warn!(peer = %src.peer, %blob, "node served a chunk list that does not match");
+                report.liars.push(src.peer);
             }
-            Ok(None) => tracing::debug!(%peer, %blob, "holder does not have the blob"),
+            Ok(None) => tracing::debug!(peer = %src.peer, %blob, "node does not have the blob"),
             Err(e) => {
-                tracing::debug!(%peer, %blob, error = %e, "holder unreachable");
-                report.failed.push(*peer);
+                tracing::debug!(peer = %src.peer, %blob, error = %e, "node unreachable");
+                report.failed.push(src.peer);
             }
         }
     }
     let list = list.ok_or(FetchError::NoValidList {
         blob,
-        asked: holders.len(),
+        asked: ordered.len(),
     })?;
 
-    // 2. The chunks we lack, from every honest holder at once. Every chunk of the blob is
-    // pinned until the commit, so a collection running meanwhile cannot take any of them.
+    // 2. Pin every chunk until the commit (a collection running meanwhile cannot take any),
+    // and publish the list so that fellow pullers can fetch from this node already.
     let mut pins = store.pins();
     for h in &list.chunks {
         pins.add(*h);
     }
     pins.add(blob);
+    store.put_partial_list(&blob, &list)?;
     let mut seen = HashSet::new();
-    let mut queue = VecDeque::new();
+    let mut queue = Vec::new();
     for (i, h) in list.chunks.iter().enumerate() {
         if !seen.insert(*h) {
             continue;
@@ -289,61 +388,105 @@ pub async fn fetch(
             report.chunks_present += 1;
             progress(list.chunk_len(i) as u64);
         } else {
-            queue.push_back(i);
+            queue.push(i);
         }
     }
-    let total_missing = queue.len();
-    let state = Arc::new(PullState {
+    {
+        use rand::seq::SliceRandom;
+        queue.shuffle(&mut rand::rng());
+    }
+    let pull = Arc::new(Pull {
+        blob,
         remaining: AtomicU64::new(queue.len() as u64),
+        done: AtomicBool::new(queue.is_empty()),
         queue: Mutex::new(queue),
         list,
-        done: AtomicBool::new(total_missing == 0),
+        peer_has: Mutex::new(HashMap::new()),
     });
     let progress = Arc::new(progress);
-    let pool: Vec<PeerId> = holders
-        .iter()
-        .filter(|p| !report.liars.contains(p) && !report.failed.contains(p))
-        .copied()
-        .collect();
     let mut workers = tokio::task::JoinSet::new();
-    for peer in pool {
-        for _ in 0..2 {
-            workers.spawn(worker(
-                control.clone(),
-                store.clone(),
-                peer,
-                state.clone(),
-                progress.clone(),
-            ));
-        }
-    }
+    let mut started: HashSet<PeerId> = HashSet::new();
     let mut reasons = Vec::new();
-    while let Some(result) = workers.join_next().await {
-        match result.expect("worker task") {
-            WorkerEnd::Done(n) => report.chunks_fetched += n,
-            WorkerEnd::Liar(peer, n) => {
-                report.chunks_fetched += n;
-                if !report.liars.contains(&peer) {
-                    reasons.push(format!("{peer} served a corrupt piece"));
-                    report.liars.push(peer);
+    let mut discover = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut retry_at: HashMap<PeerId, std::time::Instant> = HashMap::new();
+    loop {
+        // (Re)discover sources: new holders or pullers get workers; fellow pullers that
+        // went away may be retried.
+        if !pull.done.load(Ordering::SeqCst) {
+            let now = std::time::Instant::now();
+            for src in sources() {
+                if started.contains(&src.peer)
+                    || report.liars.contains(&src.peer)
+                    || report.failed.contains(&src.peer)
+                    || retry_at.get(&src.peer).is_some_and(|t| now < *t)
+                {
+                    continue;
+                }
+                started.insert(src.peer);
+                let n = if src.complete { 2 } else { 1 };
+                for _ in 0..n {
+                    workers.spawn(worker(
+                        control.clone(),
+                        store.clone(),
+                        src,
+                        pull.clone(),
+                        progress.clone(),
+                    ));
                 }
             }
-            WorkerEnd::Failed(peer, n, why) => {
-                report.chunks_fetched += n;
-                if !report.failed.contains(&peer) {
-                    reasons.push(format!("{peer}: {why}"));
-                    report.failed.push(peer);
+        }
+        if workers.is_empty() {
+            break; // done, or nobody left to ask
+        }
+        tokio::select! {
+            _ = discover.tick() => {}
+            Some(result) = workers.join_next() => match result.expect("worker task") {
+                WorkerEnd::Done { from_holder, n } => {
+                    if from_holder {
+                        report.chunks_from_holders += n
+                    } else {
+                        report.chunks_from_pullers += n
+                    }
                 }
-            }
-            WorkerEnd::Store(e) => return Err(e.into()),
+                WorkerEnd::Liar(peer, n) => {
+                    report.chunks_from_holders += n;
+                    if !report.liars.contains(&peer) {
+                        reasons.push(format!("{peer} served a corrupt piece"));
+                        report.liars.push(peer);
+                    }
+                }
+                WorkerEnd::Failed(src, n, why) => {
+                    if src.complete {
+                        report.chunks_from_holders += n;
+                        if !report.failed.contains(&src.peer) {
+                            reasons.push(format!("{}: {why}", src.peer));
+                            report.failed.push(src.peer);
+                        }
+                    } else {
+                        // A fellow puller that stopped (or has no list yet) may come back;
+                        // ask again in a second.
+                        report.chunks_from_pullers += n;
+                        started.remove(&src.peer);
+                        retry_at.insert(
+                            src.peer,
+                            std::time::Instant::now() + std::time::Duration::from_secs(1),
+                        );
+                    }
+                }
+                WorkerEnd::Store(e) => {
+                    store.remove_partial_list(&blob);
+                    return Err(e.into());
+                }
+            },
         }
     }
-    let missing = state.remaining.load(Ordering::SeqCst) as usize;
+    let missing = pull.remaining.load(Ordering::SeqCst) as usize;
     if missing > 0 {
+        store.remove_partial_list(&blob);
         return Err(FetchError::Incomplete {
             blob,
             missing,
-            total: state.list.chunks.len(),
+            total: pull.list.chunks.len(),
             reasons: if reasons.is_empty() {
                 "no holder left".into()
             } else {
@@ -354,10 +497,11 @@ pub async fn fetch(
 
     // 3. Commit: re-hash the whole blob against its name.
     let s = store.clone();
-    let list = state.list.clone();
+    let list = pull.list.clone();
     let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list))
         .await
         .expect("commit task")?;
+    store.remove_partial_list(&blob);
     drop(pins);
     for peer in &report.liars {
         metrics::counter!("mesh_blob_liars_total").increment(1);
@@ -382,64 +526,93 @@ async fn fetch_list(
 }
 
 enum WorkerEnd {
-    Done(usize),
+    Done { from_holder: bool, n: usize },
     Liar(PeerId, usize),
-    Failed(PeerId, usize, String),
+    Failed(Source, usize, String),
     Store(StoreError),
 }
 
+/// Fetches chunks from one source until the pull is done or the source fails or lies.
 async fn worker(
     mut control: libp2p_stream::Control,
     store: Arc<BlobStore>,
-    peer: PeerId,
-    state: Arc<PullState>,
+    src: Source,
+    pull: Arc<Pull>,
     progress: Arc<impl Fn(u64) + Send + Sync + 'static>,
 ) -> WorkerEnd {
+    let peer = src.peer;
     let mut fetched = 0usize;
     let mut stream = match control.open_stream(peer, PROTOCOL).await {
         Ok(s) => s,
-        Err(e) => return WorkerEnd::Failed(peer, 0, e.to_string()),
+        Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
     };
+    let blob_list_len = pull.list.chunks.len();
+    let mut idle_rounds = 0u32;
     loop {
-        if state.done.load(Ordering::SeqCst) {
+        if pull.done.load(Ordering::SeqCst) {
             let _ = stream.close().await;
-            return WorkerEnd::Done(fetched);
+            return WorkerEnd::Done {
+                from_holder: src.complete,
+                n: fetched,
+            };
         }
-        let batch: Vec<usize> = {
-            let mut q = state.queue.lock().expect("queue lock");
-            let n = q.len().min(MAX_CHUNKS_PER_REQUEST);
-            q.drain(..n).collect()
-        };
-        if batch.is_empty() {
-            // Others hold the last pieces; wait for them to finish or fail.
-            if state.remaining.load(Ordering::SeqCst) == 0 {
-                let _ = stream.close().await;
-                return WorkerEnd::Done(fetched);
+        if !src.complete {
+            // Learn what the fellow puller has now.
+            let blob = pull.blob;
+            let have = async {
+                send_request(&mut stream, &BlobRequest::Have(blob)).await?;
+                read_frame(&mut stream, blob_list_len.div_ceil(8) as u32 + 8).await
+            };
+            match have.await {
+                Ok(Some(bits)) => {
+                    pull.peer_has.lock().expect("have lock").insert(peer, bits);
+                }
+                Ok(None) | Err(_) => {
+                    pull.peer_has.lock().expect("have lock").remove(&peer);
+                    return WorkerEnd::Failed(src, fetched, "stopped pulling".into());
+                }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Holders hold back briefly on chunks a fellow puller can give, then take anything.
+        let batch = pull.take(&src, MAX_CHUNKS_PER_REQUEST, idle_rounds >= 10);
+        if batch.is_empty() {
+            if pull.remaining.load(Ordering::SeqCst) == 0 {
+                let _ = stream.close().await;
+                return WorkerEnd::Done {
+                    from_holder: src.complete,
+                    n: fetched,
+                };
+            }
+            idle_rounds += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(if src.complete {
+                20
+            } else {
+                100
+            }))
+            .await;
             continue;
         }
-        let give_back = |from: usize| {
-            let mut q = state.queue.lock().expect("queue lock");
-            for i in batch[from..].iter().rev() {
-                q.push_front(*i);
-            }
-        };
-        let hashes: Vec<Hash> = batch.iter().map(|i| state.list.chunks[*i]).collect();
+        idle_rounds = 0;
+        let hashes: Vec<Hash> = batch.iter().map(|i| pull.list.chunks[*i]).collect();
         if let Err(e) = send_request(&mut stream, &BlobRequest::Chunks(hashes.clone())).await {
-            give_back(0);
-            return WorkerEnd::Failed(peer, fetched, e.to_string());
+            pull.give_back(&batch);
+            return WorkerEnd::Failed(src, fetched, e.to_string());
         }
         for (k, i) in batch.iter().enumerate() {
             let body = match read_frame(&mut stream, super::store::CHUNK_SIZE as u32).await {
                 Ok(Some(b)) => b,
+                Ok(None) if !src.complete => {
+                    // A fellow puller may have been asked for a chunk it lost; not a lie.
+                    pull.give_back(&batch[k..k + 1]);
+                    continue;
+                }
                 Ok(None) => {
-                    give_back(k);
-                    return WorkerEnd::Failed(peer, fetched, "does not have every chunk".into());
+                    pull.give_back(&batch[k..]);
+                    return WorkerEnd::Failed(src, fetched, "does not have every chunk".into());
                 }
                 Err(e) => {
-                    give_back(k);
-                    return WorkerEnd::Failed(peer, fetched, e.to_string());
+                    pull.give_back(&batch[k..]);
+                    return WorkerEnd::Failed(src, fetched, e.to_string());
                 }
             };
             let h = hashes[k];
@@ -452,17 +625,15 @@ async fn worker(
                 Ok(()) => {
                     fetched += 1;
                     progress(len);
-                    if state.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        state.done.store(true, Ordering::SeqCst);
-                    }
+                    pull.stored_one();
                 }
                 Err(StoreError::ChunkMismatch { .. }) => {
                     tracing::warn!(%peer, chunk = %h, index = i, "corrupt piece; dropping holder");
-                    give_back(k);
+                    pull.give_back(&batch[k..]);
                     return WorkerEnd::Liar(peer, fetched);
                 }
                 Err(e) => {
-                    give_back(k);
+                    pull.give_back(&batch[k..]);
                     return WorkerEnd::Store(e);
                 }
             }
