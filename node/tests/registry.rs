@@ -432,3 +432,92 @@ async fn a_dead_holder_is_replaced_by_a_new_copy() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 }
+
+/// Unmounts a tmpfs when the test ends, however it ends.
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_up_during_a_pull_gives_a_clear_error_and_leaves_the_store_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    }
+    let _mount = TmpfsMount(small.clone());
+    let secret = common::write_secret(dir.path(), "secret");
+    let mut a = TestNode::new(dir.path(), "n0", &secret, vec![]);
+    a.start();
+    let mut b = TestNode::new(dir.path(), "n1", &secret, vec![a.p2p]);
+    b.data_dir = small.join("data");
+    b.start();
+    let c = TestCluster {
+        dir,
+        nodes: vec![a, b],
+    };
+    c.wait_states(1, &[("n0", "alive"), ("n1", "alive")], CONVERGE)
+        .await;
+
+    let tar = image_tar(c.dir.path(), "huge", &noise(40 << 20, 10));
+    let mut on_a = c.nodes[0].client().await;
+    push_image(&mut on_a, &tar, "huge:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    let mut on_b = c.nodes[1].client().await;
+    wait_until(CONVERGE, "n1 knows huge:1", || {
+        let mut cl = on_b.clone();
+        async move { cl.image("huge:1").await.is_ok() }
+    })
+    .await
+    .unwrap();
+    let used_before = du(&small);
+    let e = on_b.pull_image("huge:1", |_, _| {}).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+    assert!(e.to_string().contains("disk"), "{e}");
+    // Nothing of the failed pull stays: no blob, no holder record, the space is back.
+    let image = on_b.image("huge:1").await.unwrap();
+    assert!(!image.holders.iter().any(|h| h.name == "n1"));
+    let used_after = du(&small);
+    assert!(
+        used_after <= used_before + (1 << 20),
+        "the failed pull left {} bytes behind",
+        used_after.saturating_sub(used_before)
+    );
+    // The node is fine: it still answers and stores small things.
+    on_b.put_blob(
+        std::io::Cursor::new(vec![1u8; 1000]),
+        UploadOptions::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+}
+
+/// Bytes used on the file system holding `path`.
+fn du(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=used", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}

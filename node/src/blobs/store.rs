@@ -345,6 +345,22 @@ impl BlobStore {
         let _ = fs::remove_file(self.partial_path(h));
     }
 
+    /// Deletes the given chunks unless a complete blob uses them: undoes what a failed write
+    /// added (for example when the disk filled up), so the store is left as it was.
+    pub fn discard_chunks(&self, chunks: &[Hash]) -> Result<usize, StoreError> {
+        let mut used = HashSet::new();
+        for (h, _) in self.blobs()? {
+            used.extend(self.chunk_list(&h)?.chunks);
+        }
+        let mut removed = 0;
+        for c in chunks {
+            if !used.contains(c) && fs::remove_file(self.chunk_path(c)).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Marks a blob complete once every chunk of `list` is stored and the chunks, read back
     /// in order, hash to `expected`. Returns its info.
     pub fn commit(&self, expected: &Hash, list: &ChunkList) -> Result<BlobInfo, StoreError> {

@@ -272,6 +272,8 @@ struct Pull {
     done: AtomicBool,
     /// What each fellow puller has, as last asked.
     peer_has: Mutex<HashMap<PeerId, Vec<u8>>>,
+    /// Chunks this pull wrote, to undo them if the local store fails.
+    written: Mutex<Vec<Hash>>,
 }
 
 impl Pull {
@@ -402,6 +404,7 @@ pub async fn fetch(
         queue: Mutex::new(queue),
         list,
         peer_has: Mutex::new(HashMap::new()),
+        written: Mutex::new(Vec::new()),
     });
     let progress = Arc::new(progress);
     let mut workers = tokio::task::JoinSet::new();
@@ -474,7 +477,15 @@ pub async fn fetch(
                     }
                 }
                 WorkerEnd::Store(e) => {
+                    // The local store failed (a full disk, say): stop, and take back what
+                    // this pull wrote so the store is as it was. (Other failures keep the
+                    // chunks so a later pull resumes.)
+                    workers.abort_all();
+                    while workers.join_next().await.is_some() {}
                     store.remove_partial_list(&blob);
+                    let written = std::mem::take(&mut *pull.written.lock().expect("written lock"));
+                    let s = store.clone();
+                    let _ = tokio::task::spawn_blocking(move || s.discard_chunks(&written)).await;
                     return Err(e.into());
                 }
             },
@@ -624,6 +635,7 @@ async fn worker(
             match put {
                 Ok(()) => {
                     fetched += 1;
+                    pull.written.lock().expect("written lock").push(h);
                     progress(len);
                     pull.stored_one();
                 }

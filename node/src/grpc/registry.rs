@@ -46,6 +46,9 @@ fn status(e: RegistryError) -> Status {
         RegistryError::Fetch(FetchError::NoHolders(_)) => Status::unavailable(format!(
             "{e}: every node that had it is gone; push it again"
         )),
+        RegistryError::Fetch(FetchError::Store(ref s)) if is_disk_full(s) => {
+            Status::resource_exhausted(format!("{e} (the disk of this node is full)"))
+        }
         RegistryError::Fetch(_) => Status::unavailable(e.to_string()),
         RegistryError::Containerd(ContainerdError::NotRunning { .. }) => {
             Status::failed_precondition(e.to_string())
