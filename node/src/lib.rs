@@ -19,6 +19,8 @@ pub mod p2p;
 pub mod placement;
 pub mod registry;
 pub mod replica;
+pub mod rpc;
+pub mod scheduler;
 pub mod state;
 pub mod telemetry;
 

@@ -22,6 +22,7 @@ use crate::membership::{FailureDetector, MembershipTable};
 use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
 use crate::registry::Registry;
 use crate::replica::{Replica, ReplicaError};
+use crate::rpc::{RpcError, RpcRequest, RpcRouter};
 use crate::state::Entry;
 
 /// Everything a node needs to start.
@@ -101,10 +102,46 @@ pub struct NodeState {
     pub membership: RwLock<MembershipTable>,
     /// The desired state.
     pub replica: Mutex<Replica>,
+    /// Handlers of node-to-node calls.
+    pub router: RpcRouter,
     network: mpsc::UnboundedSender<NetworkCommand>,
 }
 
 impl NodeState {
+    /// Calls `service` on another node and waits for its answer.
+    pub async fn call(
+        &self,
+        peer: PeerId,
+        service: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = RpcRequest {
+            service: service.to_string(),
+            body,
+        };
+        if self
+            .network
+            .send(NetworkCommand::Rpc {
+                peer,
+                request,
+                reply,
+            })
+            .is_err()
+        {
+            return Err(RpcError::Unreachable {
+                peer,
+                reason: "the network task has stopped".into(),
+            });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(RpcError::Unreachable {
+                peer,
+                reason: "the network task dropped the call".into(),
+            })
+        })
+    }
+
     /// Writes a value (or deletes with `None`) and spreads it to the mesh.
     pub fn write(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
         let entry = self
@@ -170,7 +207,8 @@ impl Node {
             detector: config.detector,
             membership: RwLock::new(MembershipTable::new(peer_id.to_string(), config.detector)),
             replica: Mutex::new(replica),
-            network: net_tx,
+            router: RpcRouter::default(),
+            network: net_tx.clone(),
         });
         let network = MeshNetwork::new(
             key,
@@ -184,6 +222,8 @@ impl Node {
             state.clone(),
             probe,
             net_rx,
+            net_tx,
+            state.router.clone(),
         )?;
 
         let control = network.blob_control();

@@ -33,19 +33,21 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, quic, tcp, yamux};
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admission::{ClusterSecret, admit};
 use crate::capacity::CapacityProbe;
 use crate::membership::{Heartbeat, MemberState, Resources, Transition};
 use crate::node::NodeState;
 use crate::replica::Merged;
+use crate::rpc::{MAX_RPC_BYTES, RpcError, RpcRequest, RpcResponse, RpcRouter};
 use crate::state::{Digest, Entry};
 
 const HEARTBEAT_TOPIC: &str = "meshwork/heartbeat/1";
 const STATE_TOPIC: &str = "meshwork/state/1";
 const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/sync/1");
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/kad/1");
+const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/rpc/1");
 /// Largest gossip message accepted or sent.
 pub const MAX_GOSSIP_BYTES: usize = 512 * 1024;
 /// Largest anti-entropy response, in bytes of entries.
@@ -84,10 +86,25 @@ struct StateGossip {
 }
 
 /// Asks of the rest of the node to the network task.
-#[derive(Debug)]
 pub enum NetworkCommand {
     /// Spread local writes to the mesh.
     Broadcast(Vec<Entry>),
+    /// Call another node.
+    Rpc {
+        /// The node.
+        peer: PeerId,
+        /// The call.
+        request: RpcRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<u8>, RpcError>>,
+    },
+    /// A local handler answered an inbound call.
+    RespondRpc {
+        /// Which inbound call.
+        id: u64,
+        /// The answer.
+        response: RpcResponse,
+    },
 }
 
 #[derive(NetworkBehaviour)]
@@ -97,6 +114,7 @@ struct MeshBehaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    rpc: request_response::cbor::Behaviour<RpcRequest, RpcResponse>,
     blobs: libp2p_stream::Behaviour,
 }
 
@@ -151,6 +169,14 @@ pub struct MeshNetwork {
     bootstrapped: bool,
     lie: Option<LieMode>,
     unsubscribed_since: HashMap<PeerId, Instant>,
+    router: RpcRouter,
+    self_tx: mpsc::UnboundedSender<NetworkCommand>,
+    rpc_waiting: HashMap<
+        request_response::OutboundRequestId,
+        (PeerId, oneshot::Sender<Result<Vec<u8>, RpcError>>),
+    >,
+    rpc_inbound: HashMap<u64, request_response::ResponseChannel<RpcResponse>>,
+    rpc_next: u64,
 }
 
 /// Errors building the network.
@@ -202,6 +228,8 @@ impl MeshNetwork {
         node: Arc<NodeState>,
         probe: CapacityProbe,
         commands: mpsc::UnboundedReceiver<NetworkCommand>,
+        self_tx: mpsc::UnboundedSender<NetworkCommand>,
+        router: RpcRouter,
     ) -> Result<Self, NetworkError> {
         let mdns_on = config.mdns;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
@@ -281,6 +309,14 @@ impl MeshNetwork {
                     mdns: Toggle::from(mdns),
                     gossipsub,
                     sync,
+                    rpc: request_response::cbor::Behaviour::with_codec(
+                        request_response::cbor::codec::Codec::default()
+                            .set_request_size_maximum(MAX_RPC_BYTES)
+                            .set_response_size_maximum(MAX_RPC_BYTES),
+                        [(RPC_PROTOCOL, ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(Duration::from_secs(120)),
+                    ),
                     blobs: libp2p_stream::Behaviour::new(),
                 })
             })
@@ -336,6 +372,11 @@ impl MeshNetwork {
             bootstrapped: false,
             lie: config.lie,
             unsubscribed_since: HashMap::new(),
+            router,
+            self_tx,
+            rpc_waiting: HashMap::new(),
+            rpc_inbound: HashMap::new(),
+            rpc_next: 0,
         })
     }
 
@@ -566,6 +607,23 @@ impl MeshNetwork {
                     .expect("state gossip serializes");
                 self.publish(self.state_topic.clone(), bytes);
             }
+            NetworkCommand::Rpc {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, request);
+                self.rpc_waiting.insert(id, (peer, reply));
+            }
+            NetworkCommand::RespondRpc { id, response } => {
+                if let Some(channel) = self.rpc_inbound.remove(&id) {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_response(channel, response);
+                }
+            }
         }
     }
 
@@ -772,6 +830,48 @@ impl MeshNetwork {
             MeshBehaviourEvent::Sync(request_response::Event::Message {
                 peer, message, ..
             }) => self.on_sync_message(peer, message),
+            MeshBehaviourEvent::Rpc(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let id = self.rpc_next;
+                        self.rpc_next += 1;
+                        self.rpc_inbound.insert(id, channel);
+                        let router = self.router.clone();
+                        let tx = self.self_tx.clone();
+                        tokio::spawn(async move {
+                            let response = router.handle(peer, request).await;
+                            let _ = tx.send(NetworkCommand::RespondRpc { id, response });
+                        });
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some((peer, reply)) = self.rpc_waiting.remove(&request_id) {
+                            let _ = reply.send(match response {
+                                RpcResponse::Ok(body) => Ok(body),
+                                RpcResponse::Err(message) => {
+                                    Err(RpcError::Remote { peer, message })
+                                }
+                            });
+                        }
+                    }
+                }
+            }
+            MeshBehaviourEvent::Rpc(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some((peer, reply)) = self.rpc_waiting.remove(&request_id) {
+                    let _ = reply.send(Err(RpcError::Unreachable {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
             MeshBehaviourEvent::Sync(request_response::Event::OutboundFailure {
                 peer,
                 error,

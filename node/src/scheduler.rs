@@ -1,0 +1,150 @@
+//! Leaderless placement in practice: every node evaluates the placement core over its own view
+//! of members and desired workloads; the coordinator of each workload (one per workload,
+//! chosen by rendezvous hash over the live nodes) writes that workload's claims into the
+//! replicated state; every node acts on the claims that name it.
+//!
+//! Claims are records `claim/<workload id>/<replica>` holding the owner and a fencing epoch.
+//! The placement core raises the epoch whenever a replica changes owner, so an executor that
+//! was cut off and comes back can tell that its claim is stale (a higher epoch exists) and
+//! must stop. After views converge every replica has exactly one owner and no node is over
+//! capacity; while views differ, two coordinators may both write, and last-writer-wins plus
+//! the epoch decide.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::membership::MemberState;
+use crate::node::NodeState;
+use crate::placement::{self, Claim, NodeCapacity, PlacementTable, WorkloadSpec};
+
+const CLAIM_PREFIX: &str = "claim/";
+
+/// A claim as stored in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredClaim {
+    /// Owner's peer id.
+    pub node: String,
+    /// Fencing epoch.
+    pub epoch: u64,
+}
+
+/// Something that contributes desired workloads (functions now; services and jobs later).
+pub type WorkloadSource = Box<dyn Fn(&NodeState) -> Vec<WorkloadSpec> + Send + Sync>;
+
+/// Runs the placement loop of one node.
+pub struct Scheduler {
+    node: Arc<NodeState>,
+    sources: Vec<WorkloadSource>,
+}
+
+fn claim_key(workload: &str, replica: u32) -> String {
+    format!("{CLAIM_PREFIX}{workload}/{replica}")
+}
+
+impl Scheduler {
+    /// A scheduler over the given workload sources.
+    pub fn new(node: Arc<NodeState>, sources: Vec<WorkloadSource>) -> Self {
+        Self { node, sources }
+    }
+
+    /// Every claim in the state.
+    pub fn claims(node: &NodeState) -> Vec<Claim> {
+        let replica = node.replica.lock().expect("replica lock");
+        replica
+            .map()
+            .list(CLAIM_PREFIX)
+            .filter_map(|e| {
+                let rest = &e.key[CLAIM_PREFIX.len()..];
+                let (workload, idx) = rest.rsplit_once('/')?;
+                let stored: StoredClaim = serde_json::from_slice(e.value.as_deref()?).ok()?;
+                Some(Claim {
+                    workload: workload.to_string(),
+                    replica: idx.parse().ok()?,
+                    node: stored.node,
+                    epoch: stored.epoch,
+                })
+            })
+            .collect()
+    }
+
+    /// The live nodes as placement sees them.
+    pub fn live_nodes(node: &NodeState) -> Vec<NodeCapacity> {
+        let table = node.membership.read().expect("membership lock");
+        table
+            .members()
+            .into_iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| NodeCapacity {
+                node: m.heartbeat.peer_id.clone(),
+                cpu_millis: m.heartbeat.total.cpu_millis,
+                memory_bytes: m.heartbeat.total.memory_bytes,
+                labels: m.heartbeat.labels.clone(),
+            })
+            .collect()
+    }
+
+    /// One pass: compute the table and write the claims of the workloads this node
+    /// coordinates. Returns the table (for status and tests).
+    pub fn run_once(&self) -> PlacementTable {
+        let workloads: Vec<WorkloadSpec> =
+            self.sources.iter().flat_map(|s| s(&self.node)).collect();
+        let nodes = Self::live_nodes(&self.node);
+        let current = Self::claims(&self.node);
+        let table = placement::place(&workloads, &nodes, &current);
+        let me = self.node.peer_id.to_string();
+
+        let desired: BTreeMap<(String, u32), &Claim> = table
+            .claims
+            .iter()
+            .map(|c| ((c.workload.clone(), c.replica), c))
+            .collect();
+        let mut stored: BTreeMap<(String, u32), Claim> = BTreeMap::new();
+        for c in current {
+            stored.insert((c.workload.clone(), c.replica), c);
+        }
+        let coordinates = |workload: &str| placement::coordinator(workload, &nodes) == Some(&me);
+        for (key, claim) in &desired {
+            if !coordinates(&key.0) {
+                continue;
+            }
+            let same = stored
+                .get(key)
+                .is_some_and(|s| s.node == claim.node && s.epoch == claim.epoch);
+            if !same {
+                let value = serde_json::to_vec(&StoredClaim {
+                    node: claim.node.clone(),
+                    epoch: claim.epoch,
+                })
+                .expect("claims serialize");
+                if let Err(e) = self.node.write(&claim_key(&key.0, key.1), Some(value)) {
+                    tracing::warn!(error = %e, "cannot write a claim");
+                } else {
+                    tracing::info!(workload = %key.0, replica = key.1, node = %claim.node,
+                        epoch = claim.epoch, "placed");
+                }
+            }
+        }
+        // Claims no longer wanted (scaled down, workload deleted, or now pending).
+        for key in stored.keys() {
+            if !desired.contains_key(key) && coordinates(&key.0) {
+                let _ = self.node.write(&claim_key(&key.0, key.1), None);
+            }
+        }
+        metrics::gauge!("mesh_placements_pending").set(table.pending.len() as f64);
+        table
+    }
+
+    /// Runs a pass every `every` until shutdown.
+    pub async fn run(self, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.run_once(); }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
