@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
     self as pb, cluster_service_client::ClusterServiceClient,
-    registry_service_client::RegistryServiceClient, state_service_client::StateServiceClient,
+    function_service_client::FunctionServiceClient, registry_service_client::RegistryServiceClient,
+    state_service_client::StateServiceClient,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -79,6 +80,7 @@ pub struct MeshClient {
     cluster: ClusterServiceClient<Channel>,
     state: StateServiceClient<Channel>,
     registry: RegistryServiceClient<Channel>,
+    functions: FunctionServiceClient<Channel>,
 }
 
 impl MeshClient {
@@ -97,7 +99,11 @@ impl MeshClient {
         Ok(Self {
             cluster: ClusterServiceClient::new(channel.clone()),
             state: StateServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-            registry: RegistryServiceClient::new(channel).max_decoding_message_size(64 << 20),
+            registry: RegistryServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20),
+            functions: FunctionServiceClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
         })
     }
 
@@ -374,6 +380,77 @@ impl MeshClient {
             .import_image(pb::ImageRef {
                 reference: reference.into(),
             })
+            .await?
+            .into_inner())
+    }
+
+    /// Deploys (or updates) a function whose module was uploaded.
+    pub async fn deploy_function(
+        &mut self,
+        request: pb::DeployFunctionRequest,
+    ) -> Result<pb::Function, ClientError> {
+        Ok(self.functions.deploy(request).await?.into_inner())
+    }
+
+    /// Every function.
+    pub async fn functions(&mut self) -> Result<Vec<pb::Function>, ClientError> {
+        Ok(self
+            .functions
+            .list(pb::ListFunctionsRequest {})
+            .await?
+            .into_inner()
+            .functions)
+    }
+
+    /// Removes a function.
+    pub async fn remove_function(&mut self, name: &str) -> Result<(), ClientError> {
+        self.functions
+            .remove(pb::FunctionRef { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// Invokes a function; the answer carries the HTTP-style status.
+    pub async fn invoke(
+        &mut self,
+        request: pb::InvokeRequest,
+    ) -> Result<pb::InvokeResponse, ClientError> {
+        Ok(self.functions.invoke(request).await?.into_inner())
+    }
+
+    /// Queues an invocation; returns its id.
+    pub async fn invoke_async(
+        &mut self,
+        request: pb::InvokeRequest,
+    ) -> Result<String, ClientError> {
+        Ok(self.functions.invoke_async(request).await?.into_inner().id)
+    }
+
+    /// Sets (or with an empty `cron`, removes) a function's schedule.
+    pub async fn schedule(&mut self, name: &str, cron: &str) -> Result<(), ClientError> {
+        self.functions
+            .schedule(pb::ScheduleRequest {
+                name: name.into(),
+                cron: cron.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Recent log lines of a function from every node.
+    pub async fn function_logs(&mut self, name: &str) -> Result<pb::FunctionLogs, ClientError> {
+        Ok(self
+            .functions
+            .logs(pb::FunctionRef { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// A function's counters summed over the mesh.
+    pub async fn function_stats(&mut self, name: &str) -> Result<pb::FunctionStats, ClientError> {
+        Ok(self
+            .functions
+            .stats(pb::FunctionRef { name: name.into() })
             .await?
             .into_inner())
     }

@@ -127,26 +127,7 @@ fn resolve(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| err("resolves to no address".into()))
 }
 
-/// Parses a byte count such as `1073741824`, `512Mi`, `4Gi` or `2G`.
-pub fn parse_bytes(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit {
-        "" | "B" => 1,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
+pub use meshwork_proto::units::parse_bytes;
 
 fn parse_label(text: &str) -> Result<(String, String), ConfigError> {
     let (k, v) = text
@@ -262,16 +243,6 @@ impl MeshdArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_sizes_parse() {
-        assert_eq!(parse_bytes("1024"), Some(1024));
-        assert_eq!(parse_bytes("512Mi"), Some(512 << 20));
-        assert_eq!(parse_bytes("2G"), Some(2_000_000_000));
-        assert_eq!(parse_bytes("2 GB"), None);
-        assert_eq!(parse_bytes("Mi"), None);
-        assert_eq!(parse_bytes("99999999999999Ti"), None);
-    }
 
     #[test]
     fn labels_parse() {

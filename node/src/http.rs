@@ -1,25 +1,40 @@
-//! The HTTP listener of every node: `/healthz` and `/metrics` now; the API gateway's routes
-//! will be mounted here by the gateway issue.
+//! The HTTP listener of every node: `/healthz`, `/metrics`, and functions at `/fn/<name>`.
+//! The API gateway issue generalises the routes; this is the direct path to a function.
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::functions::runtime::CgiRequest;
+use crate::functions::{FunctionError, Functions, MAX_BODY_BYTES};
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    functions: Arc<Functions>,
+}
 
 /// Serves HTTP on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
+    functions: Arc<Functions>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(render_metrics))
-        .with_state(metrics);
+        .route("/fn/{name}", any(invoke_function))
+        .route("/fn/{name}/{*rest}", any(invoke_function))
+        .with_state(AppState { metrics, functions });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;
@@ -30,9 +45,78 @@ pub async fn serve(
     }
 }
 
-async fn render_metrics(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
+        state.metrics.render(),
     )
+}
+
+fn plain(status: StatusCode, text: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text + "\n",
+    )
+        .into_response()
+}
+
+async fn invoke_function(
+    State(state): State<AppState>,
+    Path(params): Path<Vec<(String, String)>>,
+    request: Request,
+) -> Response {
+    let name = params
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let rest = params
+        .iter()
+        .find(|(k, _)| k == "rest")
+        .map(|(_, v)| format!("/{v}"))
+        .unwrap_or_else(|| "/".into());
+    let (parts, body) = request.into_parts();
+    // Read at most the limit plus one byte: a larger body is refused without being buffered.
+    let body = match to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                FunctionError::TooLarge.to_string(),
+            );
+        }
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let cgi = CgiRequest {
+        method: parts.method.to_string(),
+        path: rest,
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        headers,
+        body: body.to_vec(),
+        env: Default::default(),
+        args: vec![],
+    };
+    match state.functions.invoke(&name, cgi).await {
+        Ok(resp) => {
+            let mut headers = HeaderMap::new();
+            for (k, v) in &resp.headers {
+                // Header names and values that are not valid HTTP (CR, LF, ...) are dropped.
+                if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v))
+                {
+                    headers.append(k, v);
+                }
+            }
+            let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
+            (status, headers, Body::from(resp.body)).into_response()
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+            plain(status, e.to_string())
+        }
+    }
 }

@@ -11,6 +11,7 @@ pub mod capacity;
 pub mod config;
 pub mod containerd;
 pub mod datadir;
+pub mod functions;
 pub mod grpc;
 pub mod http;
 pub mod membership;

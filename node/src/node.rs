@@ -18,11 +18,15 @@ use crate::blobs::store::{BlobStore, StoreError};
 use crate::blobs::transfer::{self, ServeMode};
 use crate::capacity::CapacityProbe;
 use crate::datadir::{DataDir, DataDirError};
+use crate::functions::Functions;
+use crate::functions::runtime::FunctionRuntime;
+use crate::functions::triggers::Triggers;
 use crate::membership::{FailureDetector, MembershipTable};
 use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
 use crate::registry::Registry;
 use crate::replica::{Replica, ReplicaError};
 use crate::rpc::{RpcError, RpcRequest, RpcRouter};
+use crate::scheduler::Scheduler;
 use crate::state::Entry;
 
 /// Everything a node needs to start.
@@ -71,6 +75,9 @@ pub enum NodeError {
     /// The network could not start.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// The function runtime could not start.
+    #[error("function runtime: {0}")]
+    Functions(String),
     /// The blob store could not be opened.
     #[error(transparent)]
     Blobs(#[from] StoreError),
@@ -223,11 +230,20 @@ impl Node {
             probe,
             net_rx,
             net_tx,
-            state.router.clone(),
         )?;
 
         let control = network.blob_control();
         let registry = Arc::new(Registry::new(state.clone(), store.clone(), control.clone()));
+        let runtime = Arc::new(
+            FunctionRuntime::new(&config.data_dir.join("fn-cache"))
+                .map_err(|e| NodeError::Functions(e.to_string()))?,
+        );
+        let functions = Functions::new(state.clone(), registry.clone(), runtime);
+        let triggers = Triggers::new(state.clone(), functions.clone());
+        let scheduler = Scheduler::new(
+            state.clone(),
+            vec![Functions::workload_source(registry.clone())],
+        );
         let serve_mode = if config.lie == Some(crate::p2p::LieMode::CorruptPieces) {
             ServeMode::CorruptPieces
         } else {
@@ -243,18 +259,31 @@ impl Node {
                 .clone()
                 .run_background(config.blob_gc_grace, shutdown_rx.clone()),
         );
-        tasks.spawn(crate::grpc::serve(
-            grpc_listener,
-            state.clone(),
-            registry.clone(),
-            config.blob_gc_grace,
-            crate::grpc::ContainerdTarget {
+        tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown_rx.clone()));
+        tasks.spawn(functions.clone().run_background(shutdown_rx.clone()));
+        tasks.spawn(triggers.clone().run(shutdown_rx.clone()));
+        let subsystems = crate::grpc::Subsystems {
+            node: state.clone(),
+            registry: registry.clone(),
+            functions: functions.clone(),
+            triggers,
+            gc_grace: config.blob_gc_grace,
+            containerd: crate::grpc::ContainerdTarget {
                 socket: config.containerd_socket.clone(),
                 namespace: config.containerd_namespace.clone(),
             },
+        };
+        tasks.spawn(crate::grpc::serve(
+            grpc_listener,
+            subsystems,
             shutdown_rx.clone(),
         ));
-        tasks.spawn(crate::http::serve(http_listener, metrics, shutdown_rx));
+        tasks.spawn(crate::http::serve(
+            http_listener,
+            metrics,
+            functions,
+            shutdown_rx,
+        ));
         tracing::info!(grpc = %grpc_addr, http = %http_addr, p2p = %config.p2p, "node started");
         Ok(Self {
             state,

@@ -151,6 +151,9 @@ struct JoinTarget {
     failures: u32,
 }
 
+/// An outbound node-to-node call waiting for its answer.
+type PendingCall = (PeerId, oneshot::Sender<Result<Vec<u8>, RpcError>>);
+
 /// The network task: owns the swarm.
 pub struct MeshNetwork {
     swarm: Swarm<MeshBehaviour>,
@@ -171,10 +174,7 @@ pub struct MeshNetwork {
     unsubscribed_since: HashMap<PeerId, Instant>,
     router: RpcRouter,
     self_tx: mpsc::UnboundedSender<NetworkCommand>,
-    rpc_waiting: HashMap<
-        request_response::OutboundRequestId,
-        (PeerId, oneshot::Sender<Result<Vec<u8>, RpcError>>),
-    >,
+    rpc_waiting: HashMap<request_response::OutboundRequestId, PendingCall>,
     rpc_inbound: HashMap<u64, request_response::ResponseChannel<RpcResponse>>,
     rpc_next: u64,
 }
@@ -229,8 +229,8 @@ impl MeshNetwork {
         probe: CapacityProbe,
         commands: mpsc::UnboundedReceiver<NetworkCommand>,
         self_tx: mpsc::UnboundedSender<NetworkCommand>,
-        router: RpcRouter,
     ) -> Result<Self, NetworkError> {
+        let router = node.router.clone();
         let mdns_on = config.mdns;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()

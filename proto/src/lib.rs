@@ -4,9 +4,10 @@
 //! that `meshd` (server) and `meshctl` (client) share one definition. Any gRPC stack can use the
 //! same file, or discover it at run time through server reflection.
 
-#![allow(missing_docs)] // generated code carries the .proto comments, not rustdoc on every item
+pub mod units;
 
 /// Messages and services of the `mesh.v1` package.
+#[allow(missing_docs)] // generated code carries the .proto comments, not rustdoc on every item
 pub mod v1 {
     tonic::include_proto!("mesh.v1");
 }

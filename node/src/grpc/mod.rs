@@ -11,6 +11,7 @@ use std::time::Instant;
 use meshwork_proto::v1::{
     self as pb,
     cluster_service_server::{ClusterService, ClusterServiceServer},
+    function_service_server::FunctionServiceServer,
     registry_service_server::RegistryServiceServer,
     state_service_server::{StateService, StateServiceServer},
 };
@@ -23,6 +24,7 @@ use crate::membership::{Member, MemberState};
 use crate::node::NodeState;
 use crate::registry::Registry;
 
+mod functions;
 mod registry;
 
 use crate::replica::ReplicaError;
@@ -33,15 +35,36 @@ pub use registry::ContainerdTarget;
 /// that the answer names the limit instead of a transport error.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
+/// What the API serves: the node's subsystems.
+pub struct Subsystems {
+    /// Membership and state.
+    pub node: Arc<NodeState>,
+    /// Blobs and images.
+    pub registry: Arc<Registry>,
+    /// Functions.
+    pub functions: Arc<crate::functions::Functions>,
+    /// Schedules, async calls and events.
+    pub triggers: Arc<crate::functions::triggers::Triggers>,
+    /// The node's garbage-collection grace period.
+    pub gc_grace: std::time::Duration,
+    /// The node's containerd.
+    pub containerd: ContainerdTarget,
+}
+
 /// Serves the API on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
-    node: Arc<NodeState>,
-    registry: Arc<Registry>,
-    gc_grace: std::time::Duration,
-    containerd: ContainerdTarget,
+    subsystems: Subsystems,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Subsystems {
+        node,
+        registry,
+        functions,
+        triggers,
+        gc_grace,
+        containerd,
+    } = subsystems;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ClusterServiceServer<ClusterApi>>()
@@ -51,6 +74,9 @@ pub async fn serve(
         .await;
     health_reporter
         .set_serving::<RegistryServiceServer<registry::RegistryApi>>()
+        .await;
+    health_reporter
+        .set_serving::<FunctionServiceServer<functions::FunctionApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meshwork_proto::FILE_DESCRIPTOR_SET)
@@ -66,6 +92,13 @@ pub async fn serve(
         )
         .add_service(
             StateServiceServer::new(StateApi { node }).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            FunctionServiceServer::new(functions::FunctionApi {
+                functions,
+                triggers,
+            })
+            .max_decoding_message_size(MAX_REQUEST_BYTES + crate::functions::MAX_BODY_BYTES),
         )
         .add_service(
             RegistryServiceServer::new(registry::RegistryApi {

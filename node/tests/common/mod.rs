@@ -207,3 +207,57 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Builds the example functions once per test process and returns the path of one module.
+/// Fails with instructions when the wasm32-wasip1 target is missing.
+pub fn example_wasm(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+            let out = Command::new("cargo")
+                .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+                .arg(examples.join("Cargo.toml"))
+                .output()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building examples/ failed (is the target installed? `rustup target add wasm32-wasip1`):\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(examples.join("target/wasm32-wasip1/release"))
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A plain HTTP/1.1 request on loopback; returns (status, body).
+pub async fn http_call(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body_at = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    (status, out[body_at..].to_vec())
+}

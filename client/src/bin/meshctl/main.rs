@@ -56,6 +56,71 @@ enum Command {
     /// Container images kept in the mesh (OCI layout or `docker save` tars).
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Functions: WebAssembly (WASI) modules run on any node (like Lambda).
+    #[command(subcommand, name = "fn")]
+    Function(FnCmd),
+}
+
+#[derive(Subcommand)]
+enum FnCmd {
+    /// Upload a .wasm module and deploy it under NAME (updates an existing function).
+    Deploy {
+        name: String,
+        module: PathBuf,
+        /// Memory limit (e.g. 64Mi).
+        #[arg(long, default_value = "128Mi")]
+        memory: String,
+        /// Time limit per call (e.g. 500ms, 5s).
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+        /// Environment variable K=V; repeat for several.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Calls at once per node; more get 429.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Warm copies kept on the mesh.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Internal event that invokes it asynchronously (e.g. job.finished); repeat.
+        #[arg(long = "on", value_name = "EVENT")]
+        events: Vec<String>,
+    },
+    /// Call a function and print its answer body.
+    Invoke {
+        name: String,
+        /// Request body.
+        #[arg(long, default_value = "")]
+        data: String,
+        /// Query string, e.g. name=ann.
+        #[arg(long, default_value = "")]
+        query: String,
+        /// Queue the call (at least once, up to 2 retries) and print its id.
+        #[arg(long = "async")]
+        run_async: bool,
+    },
+    /// Run a function once per cron tick in the whole mesh.
+    Schedule {
+        name: String,
+        /// 5 fields (min hour day month weekday) or 6 with seconds first; "" removes it.
+        #[arg(long)]
+        cron: String,
+    },
+    /// List functions.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a function.
+    Rm { name: String },
+    /// Recent stderr lines of a function, from every node.
+    Logs { name: String },
+    /// Invocations, errors, cold starts, p50/p99, GB-seconds, summed over the mesh.
+    Stats {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -238,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Blob(cmd) => blob(&mut client, cmd).await?,
         Command::Image(cmd) => image(&mut client, cmd).await?,
+        Command::Function(cmd) => function(&mut client, cmd).await?,
         Command::State(cmd) => match cmd {
             StateCmd::Put { key, value } => {
                 let bytes = if value == "-" {
@@ -540,6 +606,174 @@ async fn image(client: &mut MeshClient, cmd: ImageCmd) -> anyhow::Result<()> {
                 r.chunks_removed,
                 human_bytes(r.bytes_freed)
             );
+        }
+    }
+    Ok(())
+}
+
+async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
+    use meshwork_client::proto::{DeployFunctionRequest, InvokeRequest};
+    use meshwork_proto::units::{parse_bytes, parse_duration};
+    match cmd {
+        FnCmd::Deploy {
+            name,
+            module,
+            memory,
+            timeout,
+            env,
+            concurrency,
+            replicas,
+            events,
+        } => {
+            let memory_bytes = parse_bytes(&memory)
+                .with_context(|| format!("--memory {memory:?}: expected bytes like 64Mi"))?;
+            let timeout = parse_duration(&timeout).with_context(|| {
+                format!("--timeout {timeout:?}: expected a duration like 5s or 500ms")
+            })?;
+            let env = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--env {kv:?}: expected K=V"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let f = std::fs::File::open(&module)
+                .with_context(|| format!("opening {}", module.display()))?;
+            let info = client
+                .put_blob(
+                    f,
+                    UploadOptions {
+                        pinned: true,
+                        ..Default::default()
+                    },
+                    |_| {},
+                )
+                .await?;
+            let deployed = client
+                .deploy_function(DeployFunctionRequest {
+                    name,
+                    module: info.blake3,
+                    memory_bytes,
+                    timeout_ms: timeout.as_millis() as u64,
+                    env,
+                    concurrency,
+                    replicas,
+                    events,
+                })
+                .await?;
+            println!(
+                "{} deployed (module {})",
+                deployed.name,
+                &deployed.module[..16]
+            );
+        }
+        FnCmd::Invoke {
+            name,
+            data,
+            query,
+            run_async,
+        } => {
+            let request = InvokeRequest {
+                name,
+                body: data.into_bytes(),
+                method: "POST".into(),
+                path: "/".into(),
+                query,
+                headers: Default::default(),
+            };
+            if run_async {
+                println!("{}", client.invoke_async(request).await?);
+                return Ok(());
+            }
+            let r = client.invoke(request).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&r.body)?;
+            if !(200..300).contains(&r.status) {
+                anyhow::bail!("status {}: {}", r.status, r.error);
+            }
+        }
+        FnCmd::Ls { json } => {
+            let fns = client.functions().await?;
+            if json {
+                let v: Vec<_> = fns
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                        "name": f.name, "module": f.module, "memory_bytes": f.memory_bytes,
+                        "timeout_ms": f.timeout_ms, "concurrency": f.concurrency,
+                        "replicas": f.replicas, "nodes": f.nodes, "env": f.env})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = fns
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.name.clone(),
+                            f.module[..16].to_string(),
+                            human_bytes(f.memory_bytes),
+                            format!("{}ms", f.timeout_ms),
+                            f.concurrency.to_string(),
+                            if f.nodes.is_empty() {
+                                "-".into()
+                            } else {
+                                f.nodes.join(",")
+                            },
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "NAME",
+                            "MODULE",
+                            "MEMORY",
+                            "TIMEOUT",
+                            "CONCURRENCY",
+                            "WARM ON"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+        FnCmd::Schedule { name, cron } => {
+            client.schedule(&name, &cron).await?;
+            if cron.is_empty() {
+                println!("{name} unscheduled");
+            } else {
+                println!("{name} runs on {cron:?}, once per tick in the mesh");
+            }
+        }
+        FnCmd::Rm { name } => {
+            client.remove_function(&name).await?;
+            println!("{name} removed");
+        }
+        FnCmd::Logs { name } => {
+            for l in client.function_logs(&name).await?.lines {
+                println!("{} {} {}", l.at_ms, l.node, l.line);
+            }
+        }
+        FnCmd::Stats { name, json } => {
+            let s = client.function_stats(&name).await?;
+            let v = serde_json::json!({
+                "invocations": s.invocations, "errors": s.errors, "cold_starts": s.cold_starts,
+                "throttled": s.throttled, "gb_seconds": s.gb_seconds,
+                "p50_seconds": s.p50_seconds, "p99_seconds": s.p99_seconds});
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("invocations  {}", s.invocations);
+                println!("errors       {}", s.errors);
+                println!("cold starts  {}", s.cold_starts);
+                println!("throttled    {}", s.throttled);
+                println!("p50          <= {}ms", s.p50_seconds * 1000.0);
+                println!("p99          <= {}ms", s.p99_seconds * 1000.0);
+                println!("GB-seconds   {:.6}", s.gb_seconds);
+            }
         }
     }
     Ok(())

@@ -1,0 +1,819 @@
+//! Functions (like Lambda): WebAssembly modules run in Wasmer, deployed by name, placed by the
+//! placement core, invoked through HTTP or gRPC on any node.
+//!
+//! - A function is a record `fn/<name>` in the replicated state: the module's blake3 hash (the
+//!   module is a blob in the mesh's registry), memory limit, timeout, environment, concurrency
+//!   limit and the number of warm replicas.
+//! - The scheduler places `replicas` warm copies like any workload (memory is the request);
+//!   a node that holds a claim pulls the module and compiles it ahead of the first call.
+//! - An invocation arriving anywhere runs on a node that holds a claim: locally if this node
+//!   is one, else forwarded over the node-to-node RPC to a claimed node (warm, no compile).
+//!   If no claimed node answers, the receiving node fetches the module and runs it itself, so
+//!   a call never fails because of placement. Forwarding is the default because a warm call
+//!   costs well under a millisecond while a cold one on a node without the artifact costs a
+//!   compile; see `bench/fn`.
+//! - Per node and function, at most `concurrency` calls run at once; more get 429.
+//! - Every call is metered: invocations, errors, cold starts, a duration histogram and
+//!   GB-seconds, on `/metrics` and through `meshctl fn stats` (summed over all nodes).
+
+pub mod runtime;
+pub mod triggers;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::blobs::store::Hash;
+use crate::membership::MemberState;
+use crate::node::NodeState;
+use crate::placement::{Strategy, WorkloadSpec};
+use crate::registry::{Registry, RegistryError};
+use crate::scheduler::{Scheduler, WorkloadSource};
+use runtime::{
+    CacheOutcome, CgiRequest, CgiResponse, FunctionRuntime, InvokeError, Limits, LoadedModule,
+};
+
+const FN_PREFIX: &str = "fn/";
+/// Largest request body a function accepts (413 beyond).
+pub const MAX_BODY_BYTES: usize = 6 << 20;
+/// Log lines kept per function on each node.
+const LOG_LINES: usize = 1000;
+/// Duration histogram bucket bounds, seconds (for mergeable p50/p99 across nodes).
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 900.0,
+];
+
+/// A deployed function, as kept in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// Name: 1–63 of `[a-z0-9-]`, starting with a letter.
+    pub name: String,
+    /// blake3 of the module (a blob in the registry).
+    pub module: Hash,
+    /// Memory limit in bytes.
+    pub memory_bytes: u64,
+    /// Wall-clock and CPU limit per call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Environment given to every call.
+    pub env: BTreeMap<String, String>,
+    /// Calls running at once per node; more get 429.
+    pub concurrency: u32,
+    /// Warm copies the scheduler places.
+    pub replicas: u32,
+    /// When it was deployed, ms since the epoch.
+    pub created_ms: u64,
+    /// Internal events that invoke it asynchronously (e.g. `job.finished`).
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// Why a deploy was refused, or a call failed; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    /// Invalid deploy parameters.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such function.
+    #[error("no function {0:?} in this mesh")]
+    Unknown(String),
+    /// The module is not usable (not wasm, no `_start`, unknown import).
+    #[error("module {module}: {source}")]
+    BadModule {
+        /// The module hash.
+        module: Hash,
+        /// What is wrong.
+        source: InvokeError,
+    },
+    /// The call failed in the function (trap, timeout, memory).
+    #[error(transparent)]
+    Invoke(#[from] InvokeError),
+    /// Too many calls at once.
+    #[error("function {name} is running {limit} calls on this node already; try again")]
+    Throttled {
+        /// The function.
+        name: String,
+        /// Its concurrency limit.
+        limit: u32,
+    },
+    /// The request body is over the limit.
+    #[error("request body is over {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    /// The module could not be fetched.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Storing the record failed.
+    #[error("cannot store the function: {0}")]
+    State(String),
+    /// The node that ran the call answered with an error.
+    #[error("{message}")]
+    Remote {
+        /// The HTTP status it chose.
+        status: u16,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl FunctionError {
+    /// The HTTP status a gateway answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            FunctionError::Invalid(_) | FunctionError::BadModule { .. } => 400,
+            FunctionError::Unknown(_) => 404,
+            FunctionError::TooLarge => 413,
+            FunctionError::Throttled { .. } => 429,
+            FunctionError::Invoke(e) => e.http_status(),
+            FunctionError::Registry(_) | FunctionError::State(_) => 503,
+            FunctionError::Remote { status, .. } => *status,
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Checks a function name.
+pub fn validate_name(name: &str) -> Result<(), FunctionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FunctionError::Invalid(format!(
+            "function name {name:?}: 1 to 63 of a-z, 0-9 and '-', starting with a letter"
+        )))
+    }
+}
+
+/// Checks a spec's limits; the messages give the allowed range.
+pub fn validate_spec(spec: &FunctionSpec) -> Result<(), FunctionError> {
+    validate_name(&spec.name)?;
+    let mib = 1u64 << 20;
+    if !(mib..=4096 * mib).contains(&spec.memory_bytes) {
+        return Err(FunctionError::Invalid(format!(
+            "memory {} bytes: must be between 1Mi and 4Gi",
+            spec.memory_bytes
+        )));
+    }
+    if !(1..=900_000).contains(&spec.timeout_ms) {
+        return Err(FunctionError::Invalid(format!(
+            "timeout {} ms: must be between 1ms and 15m",
+            spec.timeout_ms
+        )));
+    }
+    if !(1..=1000).contains(&spec.concurrency) {
+        return Err(FunctionError::Invalid(format!(
+            "concurrency {}: must be between 1 and 1000",
+            spec.concurrency
+        )));
+    }
+    if spec.replicas > 64 {
+        return Err(FunctionError::Invalid(format!(
+            "replicas {}: at most 64",
+            spec.replicas
+        )));
+    }
+    for e in &spec.events {
+        let ok = !e.is_empty()
+            && e.len() <= 64
+            && e.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+        if !ok {
+            return Err(FunctionError::Invalid(format!(
+                "event {e:?}: 1 to 64 of letters, digits, '.', '-', '_'"
+            )));
+        }
+    }
+    for k in spec.env.keys() {
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(FunctionError::Invalid(format!(
+                "env name {k:?}: letters, digits and '_', not starting with a digit"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Per-function counters on one node; mergeable across nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionStats {
+    /// Calls run.
+    pub invocations: u64,
+    /// Calls that failed (trap, timeout, memory, bad output).
+    pub errors: u64,
+    /// Calls that had to load or compile the module first.
+    pub cold_starts: u64,
+    /// Calls refused with 429.
+    pub throttled: u64,
+    /// Memory limit × duration, in GB-seconds.
+    pub gb_seconds: f64,
+    /// Counts per [`DURATION_BUCKETS`] bucket (the last counts everything above).
+    pub buckets: Vec<u64>,
+}
+
+impl FunctionStats {
+    fn record(&mut self, d: Duration) {
+        if self.buckets.len() != DURATION_BUCKETS.len() + 1 {
+            self.buckets = vec![0; DURATION_BUCKETS.len() + 1];
+        }
+        let s = d.as_secs_f64();
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[i] += 1;
+    }
+
+    /// Adds another node's counters.
+    pub fn merge(&mut self, other: &FunctionStats) {
+        self.invocations += other.invocations;
+        self.errors += other.errors;
+        self.cold_starts += other.cold_starts;
+        self.throttled += other.throttled;
+        self.gb_seconds += other.gb_seconds;
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+    }
+
+    /// Upper bound of the bucket holding quantile `q` (0..1), in seconds.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+}
+
+/// One line a function wrote to stderr.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// The node that ran the call.
+    pub node: String,
+    /// The text.
+    pub line: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct InvokeWire {
+    name: String,
+    request: CgiRequest,
+}
+
+#[derive(Serialize, Deserialize)]
+enum InvokeAnswer {
+    Ok(CgiResponse),
+    Failed { status: u16, message: String },
+}
+
+/// The function subsystem of one node.
+pub struct Functions {
+    node: Arc<NodeState>,
+    registry: Arc<Registry>,
+    runtime: Arc<FunctionRuntime>,
+    loaded: Mutex<HashMap<Hash, LoadedModule>>,
+    limits: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
+    stats: Mutex<HashMap<String, FunctionStats>>,
+    logs: Mutex<HashMap<String, VecDeque<LogLine>>>,
+}
+
+impl Functions {
+    /// The subsystem over this node's runtime (artifact cache in `cache_dir`).
+    pub fn new(
+        node: Arc<NodeState>,
+        registry: Arc<Registry>,
+        runtime: Arc<FunctionRuntime>,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            node,
+            registry,
+            runtime,
+            loaded: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            logs: Mutex::new(HashMap::new()),
+        });
+        Self::register_rpc(&this);
+        this
+    }
+
+    fn register_rpc(this: &Arc<Self>) {
+        let f = this.clone();
+        this.node.router.register(
+            "fn.invoke",
+            Arc::new(move |_peer, body| {
+                let f = f.clone();
+                Box::pin(async move {
+                    let wire: InvokeWire =
+                        postcard::from_bytes(&body).map_err(|e| format!("bad invoke call: {e}"))?;
+                    let answer = match f.invoke_local(&wire.name, wire.request).await {
+                        Ok(r) => InvokeAnswer::Ok(r),
+                        Err(e) => InvokeAnswer::Failed {
+                            status: e.http_status(),
+                            message: e.to_string(),
+                        },
+                    };
+                    Ok(postcard::to_allocvec(&answer).expect("answers serialize"))
+                })
+            }),
+        );
+        let f = this.clone();
+        this.node.router.register(
+            "fn.stats",
+            Arc::new(move |_peer, body| {
+                let f = f.clone();
+                Box::pin(async move {
+                    let name: String = postcard::from_bytes(&body).map_err(|e| e.to_string())?;
+                    let s = f.local_stats(&name);
+                    Ok(postcard::to_allocvec(&s).expect("stats serialize"))
+                })
+            }),
+        );
+        let f = this.clone();
+        this.node.router.register(
+            "fn.logs",
+            Arc::new(move |_peer, body| {
+                let f = f.clone();
+                Box::pin(async move {
+                    let name: String = postcard::from_bytes(&body).map_err(|e| e.to_string())?;
+                    let lines = f.local_logs(&name);
+                    Ok(postcard::to_allocvec(&lines).expect("logs serialize"))
+                })
+            }),
+        );
+    }
+
+    /// The function records as workloads for the scheduler.
+    pub fn workload_source(registry: Arc<Registry>) -> WorkloadSource {
+        Box::new(move |node: &NodeState| {
+            let specs = read_specs(node);
+            specs
+                .into_iter()
+                .map(|s| WorkloadSpec {
+                    id: format!("{FN_PREFIX}{}", s.name),
+                    replicas: s.replicas,
+                    cpu_millis: 0,
+                    memory_bytes: s.memory_bytes,
+                    constraints: BTreeMap::new(),
+                    strategy: Strategy::Spread,
+                    priority: 0,
+                    preferred: registry
+                        .holders(&s.module)
+                        .into_iter()
+                        .map(|h| h.peer.to_string())
+                        .collect(),
+                })
+                .collect()
+        })
+    }
+
+    /// A function by name.
+    pub fn spec(&self, name: &str) -> Result<FunctionSpec, FunctionError> {
+        validate_name(name)?;
+        read_specs(&self.node)
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| FunctionError::Unknown(name.to_string()))
+    }
+
+    /// Every function.
+    pub fn list(&self) -> Vec<FunctionSpec> {
+        read_specs(&self.node)
+    }
+
+    /// Deploys (or updates) a function whose module was uploaded as a blob: the module is
+    /// fetched, validated and compiled here first, so a bad module is refused at deploy.
+    pub async fn deploy(&self, mut spec: FunctionSpec) -> Result<FunctionSpec, FunctionError> {
+        validate_spec(&spec)?;
+        self.load(&spec.module).await?;
+        spec.created_ms = now_ms();
+        let bytes = serde_json::to_vec(&spec).expect("specs serialize");
+        self.node
+            .write(&format!("{FN_PREFIX}{}", spec.name), Some(bytes))
+            .map_err(|e| FunctionError::State(e.to_string()))?;
+        Ok(spec)
+    }
+
+    /// Removes a function.
+    pub fn remove(&self, name: &str) -> Result<(), FunctionError> {
+        self.spec(name)?;
+        self.node
+            .write(&format!("{FN_PREFIX}{name}"), None)
+            .map_err(|e| FunctionError::State(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Makes a module ready on this node; says whether that was a cold start.
+    async fn load(&self, module: &Hash) -> Result<(LoadedModule, bool), FunctionError> {
+        if let Some(m) = self.loaded.lock().expect("loaded lock").get(module) {
+            return Ok((m.clone(), false));
+        }
+        self.registry.ensure_local(module, |_| {}).await?;
+        let store = self.registry.store().clone();
+        let runtime = self.runtime.clone();
+        let hash = *module;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            use std::io::Read;
+            store
+                .reader(&hash)
+                .map_err(|e| InvokeError::NotWasm(e.to_string()))?
+                .read_to_end(&mut bytes)
+                .map_err(|e| InvokeError::NotWasm(e.to_string()))?;
+            runtime.load(hash.0, &bytes)
+        })
+        .await
+        .expect("load task");
+        let (loaded, outcome) = result.map_err(|source| FunctionError::BadModule {
+            module: *module,
+            source,
+        })?;
+        metrics::counter!("mesh_fn_artifact_cache_total", "result" => match outcome {
+            CacheOutcome::MemoryHit => "memory",
+            CacheOutcome::DiskHit => "disk",
+            CacheOutcome::Compiled => "compiled",
+        })
+        .increment(1);
+        self.loaded
+            .lock()
+            .expect("loaded lock")
+            .insert(*module, loaded.clone());
+        Ok((loaded, true))
+    }
+
+    fn semaphore(&self, spec: &FunctionSpec) -> Arc<Semaphore> {
+        let mut limits = self.limits.lock().expect("limits lock");
+        match limits.get(&spec.name) {
+            Some((n, s)) if *n == spec.concurrency => s.clone(),
+            _ => {
+                let s = Arc::new(Semaphore::new(spec.concurrency as usize));
+                limits.insert(spec.name.clone(), (spec.concurrency, s.clone()));
+                s
+            }
+        }
+    }
+
+    /// Names of the live nodes holding a warm claim for the function.
+    pub fn warm_node_names(&self, name: &str) -> Vec<String> {
+        let peers = self.claimed_nodes(name);
+        let table = self.node.membership.read().expect("membership lock");
+        peers
+            .iter()
+            .filter_map(|p| table.get(&p.to_string()).map(|m| m.heartbeat.name.clone()))
+            .collect()
+    }
+
+    /// Nodes that hold a live claim for the function, this node first if it is one.
+    fn claimed_nodes(&self, name: &str) -> Vec<PeerId> {
+        let workload = format!("{FN_PREFIX}{name}");
+        let table = self.node.membership.read().expect("membership lock");
+        let mut nodes: Vec<PeerId> = Scheduler::claims(&self.node)
+            .into_iter()
+            .filter(|c| c.workload == workload)
+            .filter(|c| {
+                table
+                    .get(&c.node)
+                    .is_some_and(|m| m.state == MemberState::Alive)
+            })
+            .filter_map(|c| c.node.parse().ok())
+            .collect();
+        nodes.sort_by_key(|p| (*p != self.node.peer_id, *p));
+        nodes.dedup();
+        nodes
+    }
+
+    /// Invokes a function from any node: here when this node is warm for it, else on a
+    /// warm node, else here anyway.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        request: CgiRequest,
+    ) -> Result<CgiResponse, FunctionError> {
+        if request.body.len() > MAX_BODY_BYTES {
+            return Err(FunctionError::TooLarge);
+        }
+        self.spec(name)?;
+        let claimed = self.claimed_nodes(name);
+        if claimed.is_empty() || claimed[0] == self.node.peer_id {
+            return self.invoke_local(name, request).await;
+        }
+        // Spread calls over the warm nodes.
+        let pick = claimed[rand::random_range(0..claimed.len())];
+        let wire = postcard::to_allocvec(&InvokeWire {
+            name: name.to_string(),
+            request: request.clone(),
+        })
+        .expect("calls serialize");
+        match self.node.call(pick, "fn.invoke", wire).await {
+            Ok(bytes) => match postcard::from_bytes::<InvokeAnswer>(&bytes) {
+                Ok(InvokeAnswer::Ok(r)) => Ok(r),
+                Ok(InvokeAnswer::Failed { status, message }) => {
+                    Err(FunctionError::Remote { status, message })
+                }
+                Err(e) => Err(FunctionError::Invoke(InvokeError::BadOutput(e.to_string()))),
+            },
+            Err(e) => {
+                tracing::warn!(function = name, node = %pick, error = %e, "warm node unreachable; running here");
+                self.invoke_local(name, request).await
+            }
+        }
+    }
+
+    /// Runs a call on this node.
+    pub async fn invoke_local(
+        &self,
+        name: &str,
+        request: CgiRequest,
+    ) -> Result<CgiResponse, FunctionError> {
+        let spec = self.spec(name)?;
+        let semaphore = self.semaphore(&spec);
+        let Ok(_permit) = semaphore.try_acquire_owned() else {
+            self.stats_mut(name, |s| s.throttled += 1);
+            metrics::counter!("mesh_fn_throttled_total", "fn" => name.to_string()).increment(1);
+            return Err(FunctionError::Throttled {
+                name: name.to_string(),
+                limit: spec.concurrency,
+            });
+        };
+        let (module, cold) = self.load(&spec.module).await?;
+        let limits = Limits {
+            memory_bytes: spec.memory_bytes,
+            timeout: Duration::from_millis(spec.timeout_ms),
+        };
+        let mut request = request;
+        for (k, v) in &spec.env {
+            request.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let runtime = self.runtime.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || runtime.invoke(&module, request, &limits))
+            .await
+            .expect("invoke task");
+        let elapsed = started.elapsed();
+        let gb_s = spec.memory_bytes as f64 / 1e9 * elapsed.as_secs_f64();
+        let failed = result.is_err();
+        self.stats_mut(name, |s| {
+            s.invocations += 1;
+            s.errors += u64::from(failed);
+            s.cold_starts += u64::from(cold);
+            s.gb_seconds += gb_s;
+            s.record(elapsed);
+        });
+        let label = name.to_string();
+        metrics::counter!("mesh_fn_invocations_total", "fn" => label.clone()).increment(1);
+        if failed {
+            metrics::counter!("mesh_fn_errors_total", "fn" => label.clone()).increment(1);
+        }
+        if cold {
+            metrics::counter!("mesh_fn_cold_starts_total", "fn" => label.clone()).increment(1);
+        }
+        metrics::histogram!("mesh_fn_duration_seconds", "fn" => label.clone())
+            .record(elapsed.as_secs_f64());
+        metrics::counter!("mesh_fn_gb_milliseconds_total", "fn" => label)
+            .increment((gb_s * 1000.0) as u64);
+        let stderr = match &result {
+            Ok(r) => r.stderr.clone(),
+            Err(e) => e.stderr().map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        self.append_logs(name, &stderr);
+        Ok(result?)
+    }
+
+    fn stats_mut(&self, name: &str, f: impl FnOnce(&mut FunctionStats)) {
+        let mut all = self.stats.lock().expect("stats lock");
+        f(all.entry(name.to_string()).or_default());
+    }
+
+    fn append_logs(&self, name: &str, stderr: &[u8]) {
+        if stderr.is_empty() {
+            return;
+        }
+        let text = String::from_utf8_lossy(stderr);
+        let mut logs = self.logs.lock().expect("logs lock");
+        let buf = logs.entry(name.to_string()).or_default();
+        for line in text.lines() {
+            tracing::info!(function = name, "{line}");
+            buf.push_back(LogLine {
+                at_ms: now_ms(),
+                node: self.node.name.clone(),
+                line: line.chars().take(4096).collect(),
+            });
+            while buf.len() > LOG_LINES {
+                buf.pop_front();
+            }
+        }
+    }
+
+    fn local_stats(&self, name: &str) -> FunctionStats {
+        self.stats
+            .lock()
+            .expect("stats lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn local_logs(&self, name: &str) -> Vec<LogLine> {
+        self.logs
+            .lock()
+            .expect("logs lock")
+            .get(name)
+            .map(|b| b.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn live_peers(&self) -> Vec<PeerId> {
+        let table = self.node.membership.read().expect("membership lock");
+        table
+            .peers_in(MemberState::Alive)
+            .filter_map(|m| m.heartbeat.peer_id.parse().ok())
+            .collect()
+    }
+
+    /// Counters summed over every live node.
+    pub async fn stats(&self, name: &str) -> Result<FunctionStats, FunctionError> {
+        self.spec(name)?;
+        let mut total = self.local_stats(name);
+        let body = postcard::to_allocvec(&name.to_string()).expect("names serialize");
+        let calls = self
+            .live_peers()
+            .into_iter()
+            .map(|p| self.node.call(p, "fn.stats", body.clone()));
+        for answer in futures::future::join_all(calls).await.into_iter().flatten() {
+            if let Ok(s) = postcard::from_bytes::<FunctionStats>(&answer) {
+                total.merge(&s);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Recent stderr lines from every live node, oldest first.
+    pub async fn logs(&self, name: &str) -> Result<Vec<LogLine>, FunctionError> {
+        self.spec(name)?;
+        let mut all = self.local_logs(name);
+        let body = postcard::to_allocvec(&name.to_string()).expect("names serialize");
+        let calls = self
+            .live_peers()
+            .into_iter()
+            .map(|p| self.node.call(p, "fn.logs", body.clone()));
+        for answer in futures::future::join_all(calls).await.into_iter().flatten() {
+            if let Ok(lines) = postcard::from_bytes::<Vec<LogLine>>(&answer) {
+                all.extend(lines);
+            }
+        }
+        all.sort_by_key(|l| l.at_ms);
+        Ok(all)
+    }
+
+    /// Keeps the functions this node holds claims for loaded (pulled and compiled), so the
+    /// first forwarded call is warm.
+    pub async fn warm_claimed(&self) {
+        let me = self.node.peer_id.to_string();
+        let mine: Vec<String> = Scheduler::claims(&self.node)
+            .into_iter()
+            .filter(|c| c.node == me)
+            .filter_map(|c| c.workload.strip_prefix(FN_PREFIX).map(str::to_string))
+            .collect();
+        for name in mine {
+            if let Ok(spec) = self.spec(&name)
+                && let Err(e) = self.load(&spec.module).await
+            {
+                tracing::warn!(function = %name, error = %e, "cannot warm function");
+            }
+        }
+    }
+
+    /// Warms claimed functions every two seconds until shutdown.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.warm_claimed().await,
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+pub(crate) fn read_specs(node: &NodeState) -> Vec<FunctionSpec> {
+    let replica = node.replica.lock().expect("replica lock");
+    replica
+        .map()
+        .list(FN_PREFIX)
+        .filter_map(|e| serde_json::from_slice(e.value.as_deref()?).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FunctionSpec {
+        FunctionSpec {
+            name: "hello".into(),
+            module: Hash([1; 32]),
+            memory_bytes: 64 << 20,
+            timeout_ms: 5000,
+            env: BTreeMap::new(),
+            concurrency: 16,
+            replicas: 1,
+            created_ms: 0,
+            events: vec![],
+        }
+    }
+
+    #[test]
+    fn specs_are_validated_with_ranges_in_the_message() {
+        assert!(validate_spec(&spec()).is_ok());
+        for (f, needle) in [
+            (
+                FunctionSpec {
+                    name: "Hello".into(),
+                    ..spec()
+                },
+                "function name",
+            ),
+            (
+                FunctionSpec {
+                    memory_bytes: 10,
+                    ..spec()
+                },
+                "between 1Mi and 4Gi",
+            ),
+            (
+                FunctionSpec {
+                    timeout_ms: 0,
+                    ..spec()
+                },
+                "between 1ms and 15m",
+            ),
+            (
+                FunctionSpec {
+                    concurrency: 0,
+                    ..spec()
+                },
+                "between 1 and 1000",
+            ),
+            (
+                FunctionSpec {
+                    replicas: 65,
+                    ..spec()
+                },
+                "at most 64",
+            ),
+        ] {
+            let e = validate_spec(&f).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        let mut bad_env = spec();
+        bad_env.env.insert("1X".into(), "v".into());
+        assert!(validate_spec(&bad_env).is_err());
+    }
+
+    #[test]
+    fn stats_merge_and_quantiles() {
+        let mut a = FunctionStats::default();
+        for _ in 0..90 {
+            a.record(Duration::from_micros(300));
+        }
+        let mut b = FunctionStats::default();
+        for _ in 0..10 {
+            b.record(Duration::from_millis(150));
+        }
+        a.invocations = 90;
+        b.invocations = 10;
+        a.merge(&b);
+        assert_eq!(a.invocations, 100);
+        assert_eq!(a.quantile(0.5), Some(0.0005));
+        assert_eq!(a.quantile(0.99), Some(0.2));
+        assert_eq!(FunctionStats::default().quantile(0.5), None);
+    }
+}

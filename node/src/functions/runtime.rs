@@ -1,0 +1,2237 @@
+//! The function runtime: runs WebAssembly functions (WASI preview 1 command
+//! modules) in Wasmer, one HTTP request per run, in the WAGI style (CGI over
+//! WASI).
+//!
+//! # Why this exists
+//!
+//! Meshwork nodes run two kinds of workloads: containers (through containerd)
+//! and *functions*, small WebAssembly modules that are started per request,
+//! like AWS Lambda. Functions are cheap to ship (kilobytes), start in well
+//! under a millisecond once compiled, and are sandboxed by the WebAssembly
+//! runtime instead of a kernel namespace. This module is the node's single
+//! entry point for them:
+//!
+//! * [`FunctionRuntime::load`] turns module bytes into a runnable
+//!   [`LoadedModule`] once per node: from an in-memory map keyed by the
+//!   module's blake3 hash, else from the on-disk artifact cache in the node's
+//!   data dir, else by validating and compiling it (Cranelift) and writing the
+//!   compiled artifact to that cache. Modules that would not run here are
+//!   refused at this point, with an error that names the problem
+//!   ([`InvokeError::NotWasm`], [`InvokeError::NoStart`],
+//!   [`InvokeError::UnknownImport`]).
+//! * [`FunctionRuntime::invoke`] runs the module's `_start` for one
+//!   [`CgiRequest`] and parses its standard output as a CGI response
+//!   ([`CgiResponse`]), under [`Limits`]: a memory cap, a CPU budget
+//!   (instruction metering) and a wall-clock deadline.
+//!
+//! # The interface a function sees (WAGI)
+//!
+//! * `argv` is `["function", args...]` with the args from the deployment.
+//! * The environment holds the function's own variables from the deployment,
+//!   the CGI meta-variables `GATEWAY_INTERFACE`, `SERVER_PROTOCOL`,
+//!   `REQUEST_METHOD`, `PATH_INFO`, `QUERY_STRING`, `CONTENT_LENGTH`,
+//!   `CONTENT_TYPE` (when the request has one), and one `HTTP_<NAME>` variable
+//!   per request header (upper-cased, `-` turned into `_`; repeated headers
+//!   joined with `", "`). The CGI meta-variables win over the function's
+//!   variables, which win over `HTTP_*` variables, so a client cannot
+//!   override the deployment's configuration with a header. `Content-Type`
+//!   and `Content-Length` are passed only as `CONTENT_TYPE` and
+//!   `CONTENT_LENGTH`, and a `Proxy` header is dropped (it would become
+//!   `HTTP_PROXY`, the "httpoxy" problem).
+//! * Standard input is the request body, then end of file.
+//! * Standard output is the response: optional header lines (`Name: value`),
+//!   a blank line, then the body. A `Status: 404 Not Found` header sets the
+//!   status (default 200; 302 when only `Location` is given). When the output
+//!   does not start with such a header section (no blank line, or a line
+//!   before it that is not a header), the whole output is the body, with
+//!   status 200 and `Content-Type: text/plain`, so `println!("hi")` works.
+//! * Standard error is captured (the first [`MAX_STDERR_BYTES`]) for logs and
+//!   error reports.
+//! * There is no file system (no preopened directories) and no network.
+//! * Exiting with `proc_exit(0)` is a normal end; any other exit code, a trap
+//!   (e.g. a Rust panic, which aborts), running out of memory or of time is a
+//!   failed invocation ([`InvokeError`], with [`InvokeError::http_status`]).
+//!
+//! # Cost model
+//!
+//! The compiled [`wasmer::Module`] and the engine are shared by all calls;
+//! each call gets a fresh `Store`, WASI environment and instance, so no state
+//! leaks from one request to the next. That costs well under a millisecond
+//! per call for small modules.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use wasmer::sys::vm::{
+    LinearMemory, MemoryError, MemoryStyle, TableStyle, VMMemory, VMMemoryDefinition, VMTable,
+    VMTableDefinition,
+};
+use wasmer::sys::{
+    BaseTunables, CompilerConfig, Cranelift, EngineBuilder, NativeEngineExt, Tunables,
+};
+use wasmer::wasmparser::Operator;
+use wasmer::{CompileError, Engine, ExternType, MemoryType, Module, Pages, Store, TableType};
+use wasmer_middlewares::Metering;
+use wasmer_middlewares::metering::{MeteringPoints, get_remaining_points, set_remaining_points};
+use wasmer_wasix::os::task::process::WasiProcess;
+use wasmer_wasix::runtime::PluggableRuntime;
+use wasmer_wasix::runtime::task_manager::tokio::TokioTaskManager;
+use wasmer_wasix::virtual_fs::{self, EmptyFileSystem, VirtualFile};
+use wasmer_wasix::wasmer_wasix_types::types::Signal;
+use wasmer_wasix::wasmer_wasix_types::wasi::Errno;
+use wasmer_wasix::{WasiEnv, WasiError};
+
+/// Most bytes of standard output (the CGI response) a call may write; more
+/// fails the call with [`InvokeError::OutputTooLarge`].
+pub const MAX_STDOUT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Most bytes of standard error kept per call; the rest is dropped silently
+/// (writes still succeed, so logging never breaks a function).
+pub const MAX_STDERR_BYTES: usize = 64 * 1024;
+
+/// Metering points (roughly: WebAssembly instructions) granted per second of
+/// [`Limits::timeout`].
+///
+/// Calibrated on a 2-core x86-64 development VM, where a tight loop under
+/// metering runs about 1.3e9 points per second, and a `hello` call needs
+/// about 10^5 points: so a call that runs out of points has been computing
+/// for about its whole timeout, and any normal call is thousands of times
+/// below the budget. The wall-clock deadline catches time spent outside
+/// WebAssembly code (host calls, a slow machine); the budget guarantees that
+/// the thread running a runaway function ends soon after the deadline.
+pub const POINTS_PER_SECOND: u64 = 1_500_000_000;
+
+/// Metering points available to a module's start section and `_initialize`
+/// during instantiation, before the per-call budget is set. Baked into the
+/// compiled artifact (hence part of the artifact cache key).
+const INSTANTIATION_POINTS: u64 = 1_000_000_000;
+
+/// Version of [`metering_cost`]; bump it whenever the cost function changes,
+/// so artifacts compiled with the old costs are not reused.
+const METERING_COST_VERSION: u32 = 1;
+
+/// The wasmer release line this file was written against. Part of the
+/// artifact cache key, so an upgrade recompiles instead of loading artifacts
+/// of another version; a test checks it against `Cargo.lock`.
+const WASMER_VERSION: &str = "7.4.2";
+
+/// The only import module a function may use.
+const WASI_MODULE: &str = "wasi_snapshot_preview1";
+
+/// The functions of WASI preview 1 (`wasi_snapshot_preview1`).
+const WASI_PREVIEW1_FUNCTIONS: &[&str] = &[
+    "args_get",
+    "args_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "environ_get",
+    "environ_sizes_get",
+    "fd_advise",
+    "fd_allocate",
+    "fd_close",
+    "fd_datasync",
+    "fd_fdstat_get",
+    "fd_fdstat_set_flags",
+    "fd_fdstat_set_rights",
+    "fd_filestat_get",
+    "fd_filestat_set_size",
+    "fd_filestat_set_times",
+    "fd_pread",
+    "fd_prestat_dir_name",
+    "fd_prestat_get",
+    "fd_pwrite",
+    "fd_read",
+    "fd_readdir",
+    "fd_renumber",
+    "fd_seek",
+    "fd_sync",
+    "fd_tell",
+    "fd_write",
+    "path_create_directory",
+    "path_filestat_get",
+    "path_filestat_set_times",
+    "path_link",
+    "path_open",
+    "path_readlink",
+    "path_remove_directory",
+    "path_rename",
+    "path_symlink",
+    "path_unlink_file",
+    "poll_oneoff",
+    "proc_exit",
+    "proc_raise",
+    "random_get",
+    "sched_yield",
+    "sock_accept",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
+];
+
+/// First bytes of an artifact file: format name and version.
+const ARTIFACT_MAGIC: &[u8; 8] = b"MWFNART1";
+
+/// Size of the artifact file header: magic, then blake3 of the payload.
+const ARTIFACT_HEADER_LEN: usize = ARTIFACT_MAGIC.len() + 32;
+
+/// WebAssembly page size in bytes.
+const PAGE_SIZE: u64 = 64 * 1024;
+
+/// Resource limits for one invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Cap on the function's linear memory, in bytes (rounded down to whole
+    /// 64 KiB pages). `memory.grow` past it fails; a module whose initial
+    /// memory is already larger does not start.
+    pub memory_bytes: u64,
+    /// Wall-clock limit for the whole call (instantiation included); it also
+    /// sets the CPU budget ([`POINTS_PER_SECOND`] per second).
+    pub timeout: Duration,
+}
+
+impl Limits {
+    /// Limits with the given memory cap and timeout.
+    pub fn new(memory_bytes: u64, timeout: Duration) -> Self {
+        Self {
+            memory_bytes,
+            timeout,
+        }
+    }
+
+    /// The metering budget for one call under these limits.
+    pub fn fuel_budget(&self) -> u64 {
+        let points = self.timeout.as_secs_f64() * POINTS_PER_SECOND as f64;
+        // `as` saturates for floats; keep at least a small budget.
+        (points as u64).max(1_000_000)
+    }
+
+    fn max_pages(&self) -> Pages {
+        let pages = (self.memory_bytes / PAGE_SIZE).min(u64::from(wasmer::WASM_MAX_PAGES));
+        Pages(pages as u32)
+    }
+}
+
+impl Default for Limits {
+    /// 128 MiB of memory and 30 seconds.
+    fn default() -> Self {
+        Self::new(128 * 1024 * 1024, Duration::from_secs(30))
+    }
+}
+
+/// One HTTP request, as handed to a function.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CgiRequest {
+    /// HTTP method, e.g. `GET` (`REQUEST_METHOD`).
+    pub method: String,
+    /// The path below the function's route (`PATH_INFO`), e.g. `/items/7`.
+    pub path: String,
+    /// The query string without the `?` (`QUERY_STRING`), e.g. `name=ann`.
+    pub query: String,
+    /// Request headers, in order; names in any case.
+    pub headers: Vec<(String, String)>,
+    /// Request body, given to the function on standard input.
+    pub body: Vec<u8>,
+    /// The function's environment variables from its deployment (`K=V`).
+    pub env: BTreeMap<String, String>,
+    /// Extra command-line arguments from the deployment (after `argv[0]`).
+    pub args: Vec<String>,
+}
+
+/// A function's response, parsed from its standard output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CgiResponse {
+    /// HTTP status code (from a `Status:` header; 200 by default).
+    pub status: u16,
+    /// Response headers, in the order written, without `Status`.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+    /// What the function wrote to standard error (at most
+    /// [`MAX_STDERR_BYTES`]).
+    pub stderr: Vec<u8>,
+    /// Wall-clock time of the call, instantiation included.
+    pub duration: Duration,
+    /// Metering points the call used (roughly: WebAssembly instructions).
+    pub fuel_used: u64,
+}
+
+impl CgiResponse {
+    /// The value of the first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Where [`FunctionRuntime::load`] found the module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheOutcome {
+    /// Already loaded in this process.
+    MemoryHit,
+    /// Deserialized from the on-disk artifact cache (no compilation).
+    DiskHit,
+    /// Validated and compiled now (a cold start), then written to the cache.
+    Compiled,
+}
+
+/// A validated, compiled module, ready for [`FunctionRuntime::invoke`].
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct LoadedModule {
+    hash: [u8; 32],
+    module: Module,
+}
+
+impl LoadedModule {
+    /// The blake3 hash of the module's WebAssembly bytes.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+}
+
+impl fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedModule")
+            .field("hash", &hex::encode(self.hash))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors creating a [`FunctionRuntime`].
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The artifact cache directory could not be created.
+    #[error("cannot create the function artifact cache directory {path}: {source}")]
+    CacheDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime's helper thread pool could not be started.
+    #[error("cannot start the function runtime's task threads: {0}")]
+    TaskRuntime(#[source] io::Error),
+}
+
+/// Why a module could not be loaded or a call did not produce a response.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The bytes are not a valid WebAssembly module.
+    #[error("not a valid WebAssembly module: {0}")]
+    NotWasm(String),
+    /// The module is valid WebAssembly but does not export `_start`.
+    #[error(
+        "the module has no `_start` function taking and returning nothing; a function must be a WASI command (e.g. a Rust binary built for wasm32-wasip1)"
+    )]
+    NoStart,
+    /// The module imports something other than a WASI preview 1 function.
+    #[error(
+        "the module imports `{module}.{name}`, which this runtime does not provide (only `wasi_snapshot_preview1` functions are available)"
+    )]
+    UnknownImport {
+        /// Import module name.
+        module: String,
+        /// Imported item name.
+        name: String,
+    },
+    /// The bytes do not hash to the hash they were loaded under.
+    #[error("module bytes hash to {actual}, not to the expected {expected}")]
+    HashMismatch {
+        /// The hash the caller gave (hex).
+        expected: String,
+        /// The blake3 hash of the bytes (hex).
+        actual: String,
+    },
+    /// Compilation failed for a reason other than invalid input.
+    #[error("compiling the module failed: {0}")]
+    Compile(String),
+    /// The WASI environment could not be set up (e.g. an environment
+    /// variable name containing `=` or a NUL byte).
+    #[error("cannot set up the function's WASI environment: {0}")]
+    Setup(String),
+    /// The module could not be instantiated.
+    #[error("instantiating the module failed: {message}")]
+    Instantiate {
+        /// What failed.
+        message: String,
+        /// Standard error written so far.
+        stderr: Vec<u8>,
+    },
+    /// The call ran past its timeout or used up its CPU budget.
+    #[error("the function did not finish within its time limit of {limit:?}")]
+    Timeout {
+        /// The timeout.
+        limit: Duration,
+        /// Standard error written so far.
+        stderr: Vec<u8>,
+    },
+    /// The function needed more memory than its limit.
+    #[error("the function exceeded its memory limit of {limit} bytes")]
+    MemoryLimit {
+        /// The limit in bytes.
+        limit: u64,
+        /// Standard error written so far.
+        stderr: Vec<u8>,
+    },
+    /// The function trapped (e.g. panicked) or exited with a non-zero code.
+    #[error("the function failed: {message}")]
+    Trap {
+        /// The trap message, or `exit code N`.
+        message: String,
+        /// Standard error written so far.
+        stderr: Vec<u8>,
+    },
+    /// The function's output is not a valid CGI response.
+    #[error("the function's output is not a valid CGI response: {0}")]
+    BadOutput(String),
+    /// The function wrote more than [`MAX_STDOUT_BYTES`] to standard output.
+    #[error("the function's response exceeds {limit} bytes")]
+    OutputTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A failure of the runtime itself (not of the function).
+    #[error("function runtime failure: {0}")]
+    Internal(String),
+}
+
+impl InvokeError {
+    /// The HTTP status a gateway should answer with: 504 for a timeout, 500
+    /// for failures of the runtime or the environment setup, 502 for
+    /// everything the function (or its module) is to blame for.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Timeout { .. } => 504,
+            Self::Setup(_) | Self::Internal(_) | Self::HashMismatch { .. } => 500,
+            Self::NotWasm(_)
+            | Self::NoStart
+            | Self::UnknownImport { .. }
+            | Self::Compile(_)
+            | Self::Instantiate { .. }
+            | Self::MemoryLimit { .. }
+            | Self::Trap { .. }
+            | Self::BadOutput(_)
+            | Self::OutputTooLarge { .. } => 502,
+        }
+    }
+
+    /// The standard error the function wrote before failing, if it ran.
+    pub fn stderr(&self) -> Option<&[u8]> {
+        match self {
+            Self::Instantiate { stderr, .. }
+            | Self::Timeout { stderr, .. }
+            | Self::MemoryLimit { stderr, .. }
+            | Self::Trap { stderr, .. } => Some(stderr),
+            _ => None,
+        }
+    }
+}
+
+/// Runs WebAssembly functions; one per node, shared by all calls.
+pub struct FunctionRuntime {
+    /// Engine holding every loaded module's code; modules are deserialized
+    /// into it, and each call's store uses a clone of it (same code, own
+    /// tunables).
+    engine: Engine,
+    cache_dir: PathBuf,
+    /// Suffix of artifact file names: which engine, version, target and
+    /// metering produced them.
+    engine_key: String,
+    modules: Mutex<HashMap<[u8; 32], Module>>,
+    wasi_runtime: Arc<PluggableRuntime>,
+    /// Owns the threads behind `wasi_runtime`'s task manager (timers,
+    /// background tasks). `None` only during drop.
+    tasks: Option<tokio::runtime::Runtime>,
+    temp_counter: AtomicU64,
+    /// Call threads still running after their caller got a timeout.
+    runaway: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for FunctionRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FunctionRuntime")
+            .field("cache_dir", &self.cache_dir)
+            .field("engine_key", &self.engine_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for FunctionRuntime {
+    fn drop(&mut self) {
+        // Safe in async contexts too, unlike dropping a Runtime.
+        if let Some(tasks) = self.tasks.take() {
+            tasks.shutdown_background();
+        }
+    }
+}
+
+impl FunctionRuntime {
+    /// A runtime whose compiled artifacts live in `cache_dir` (created if
+    /// missing; it should be inside the node's own data dir, since artifacts
+    /// are trusted machine code).
+    pub fn new(cache_dir: &Path) -> Result<Self, RuntimeError> {
+        fs::create_dir_all(cache_dir).map_err(|source| RuntimeError::CacheDir {
+            path: cache_dir.to_owned(),
+            source,
+        })?;
+        let tasks = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("meshwork-wasi")
+            .enable_all()
+            .build()
+            .map_err(RuntimeError::TaskRuntime)?;
+        // Loading and running needs no compiler: modules are compiled by a
+        // fresh metering engine each (see `compile`) and deserialized here.
+        let engine = Engine::headless();
+        let mut wasi_runtime =
+            PluggableRuntime::new(Arc::new(TokioTaskManager::new(tasks.handle().clone())));
+        wasi_runtime.set_engine(engine.clone());
+        Ok(Self {
+            engine_key: engine_key(&engine),
+            engine,
+            cache_dir: cache_dir.to_owned(),
+            modules: Mutex::new(HashMap::new()),
+            wasi_runtime: Arc::new(wasi_runtime),
+            tasks: Some(tasks),
+            temp_counter: AtomicU64::new(0),
+            runaway: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Where the compiled artifact of the module with this hash is cached:
+    /// `<cache_dir>/<blake3 hex>-<engine key>.bin`.
+    pub fn artifact_path(&self, hash: [u8; 32]) -> PathBuf {
+        self.cache_dir
+            .join(format!("{}-{}.bin", hex::encode(hash), self.engine_key))
+    }
+
+    /// Whether the module with this hash is loaded in memory or has a
+    /// compiled artifact on disk (so loading it is not a cold start).
+    pub fn has_artifact(&self, hash: [u8; 32]) -> bool {
+        self.lock_modules().contains_key(&hash) || self.artifact_path(hash).is_file()
+    }
+
+    /// The module with this hash, if it is already loaded in memory.
+    pub fn cached(&self, hash: [u8; 32]) -> Option<LoadedModule> {
+        self.lock_modules().get(&hash).map(|module| LoadedModule {
+            hash,
+            module: module.clone(),
+        })
+    }
+
+    /// How many call threads are still running although their caller already
+    /// got [`InvokeError::Timeout`]. At the deadline the call's WASI process
+    /// is killed, which ends it at its next system call (or wakes it from a
+    /// sleep), and its CPU budget ends pure computation; this gauge shows
+    /// calls that take long to reach either (e.g. loops of huge bulk memory
+    /// copies, which metering undercharges). Worth exporting as a metric.
+    pub fn runaway_calls(&self) -> usize {
+        self.runaway.load(Ordering::SeqCst)
+    }
+
+    /// Drops the in-memory copy of a module (e.g. when its function is
+    /// deleted); the artifact on disk stays.
+    pub fn forget(&self, hash: [u8; 32]) {
+        self.lock_modules().remove(&hash);
+    }
+
+    /// Loads the module whose bytes are `wasm` and whose blake3 hash is
+    /// `hash`: from memory, else from the artifact cache on disk, else by
+    /// validating and compiling it (and caching the artifact). Returns where
+    /// it came from.
+    ///
+    /// Validation refuses bytes that are not WebAssembly
+    /// ([`InvokeError::NotWasm`]), modules without a `_start` function
+    /// ([`InvokeError::NoStart`]) and modules importing anything but WASI
+    /// preview 1 functions ([`InvokeError::UnknownImport`]). A corrupt or
+    /// incompatible artifact file is deleted and the module recompiled.
+    /// Failing to write the artifact only logs a warning.
+    ///
+    /// Blocking (compilation takes tens of milliseconds for small modules,
+    /// more for large ones): call it from a blocking thread. Two concurrent
+    /// cold loads of the same module both compile; the result is the same.
+    pub fn load(
+        &self,
+        hash: [u8; 32],
+        wasm: &[u8],
+    ) -> Result<(LoadedModule, CacheOutcome), InvokeError> {
+        if let Some(loaded) = self.cached(hash) {
+            return Ok((loaded, CacheOutcome::MemoryHit));
+        }
+        let actual = blake3::hash(wasm);
+        if *actual.as_bytes() != hash {
+            return Err(InvokeError::HashMismatch {
+                expected: hex::encode(hash),
+                actual: actual.to_hex().to_string(),
+            });
+        }
+        let path = self.artifact_path(hash);
+        let (module, outcome) = match self.read_artifact(&path) {
+            Ok(Some(module)) => (module, CacheOutcome::DiskHit),
+            Ok(None) => (self.compile(hash, wasm, &path)?, CacheOutcome::Compiled),
+            Err(reason) => {
+                tracing::warn!(
+                    artifact = %path.display(),
+                    %reason,
+                    "discarding unusable function artifact; recompiling"
+                );
+                if let Err(err) = fs::remove_file(&path)
+                    && err.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(artifact = %path.display(), %err, "cannot delete artifact");
+                }
+                (self.compile(hash, wasm, &path)?, CacheOutcome::Compiled)
+            }
+        };
+        let module = self.lock_modules().entry(hash).or_insert(module).clone();
+        Ok((LoadedModule { hash, module }, outcome))
+    }
+
+    /// Runs the module's `_start` for one request under `limits` and parses
+    /// its output as a CGI response (see the module docs for the interface).
+    ///
+    /// Blocking: the call runs on its own thread, and this waits at most
+    /// `limits.timeout` for it. After a timeout the thread is abandoned; its
+    /// CPU budget ends it shortly after.
+    pub fn invoke(
+        &self,
+        module: &LoadedModule,
+        req: CgiRequest,
+        limits: &Limits,
+    ) -> Result<CgiResponse, InvokeError> {
+        let started = Instant::now();
+        let env = cgi_environment(&req);
+        for (key, value) in &env {
+            if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+                return Err(InvokeError::Setup(format!(
+                    "environment variable {key:?} has an empty name, or a `=` or NUL byte in it"
+                )));
+            }
+        }
+        let stdout = Capture::new(MAX_STDOUT_BYTES, true);
+        let stderr = Capture::new(MAX_STDERR_BYTES, false);
+        let memory_hit = Arc::new(AtomicBool::new(false));
+        let budget = limits.fuel_budget();
+        let kill = Arc::new(KillSwitch::default());
+        let call = Call {
+            engine: self.engine.clone(),
+            module: module.module.clone(),
+            wasi_runtime: self.wasi_runtime.clone(),
+            args: req.args,
+            env,
+            stdin: Body::new(req.body),
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            max_pages: limits.max_pages(),
+            memory_hit: memory_hit.clone(),
+            budget,
+            kill: kill.clone(),
+        };
+
+        let runaway = self.runaway.clone();
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(format!("meshwork-fn-{}", &hex::encode(module.hash)[..12]))
+            .spawn(move || {
+                // The receiver is gone after a timeout: this was a runaway.
+                if done_tx.send(call.run()).is_err() {
+                    runaway.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+            .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
+
+        let outcome = match done_rx.recv_timeout(limits.timeout) {
+            Ok(outcome) => outcome,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Counted before `done_rx` is dropped (at return), so the
+                // thread's decrement always comes after this increment.
+                self.runaway.fetch_add(1, Ordering::SeqCst);
+                kill.kill();
+                Err(Failure::Exhausted)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(InvokeError::Internal(
+                    "the call thread ended without a result (it panicked)".to_owned(),
+                ));
+            }
+        };
+        let stderr_bytes = stderr.contents();
+        let fuel_used = match outcome {
+            Ok(fuel_used) => fuel_used,
+            Err(failure) => {
+                return Err(failure.into_error(
+                    limits,
+                    memory_hit.load(Ordering::SeqCst),
+                    stdout.overflowed(),
+                    stderr_bytes,
+                ));
+            }
+        };
+        if stdout.overflowed() {
+            return Err(InvokeError::OutputTooLarge {
+                limit: MAX_STDOUT_BYTES,
+            });
+        }
+        let (status, headers, body) = parse_cgi_output(stdout.contents())?;
+        Ok(CgiResponse {
+            status,
+            headers,
+            body,
+            stderr: stderr_bytes,
+            duration: started.elapsed(),
+            fuel_used,
+        })
+    }
+
+    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Module>> {
+        self.modules.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Validates and compiles `wasm`, writes the artifact to `path` and
+    /// returns the module loaded into the shared engine.
+    fn compile(&self, hash: [u8; 32], wasm: &[u8], path: &Path) -> Result<Module, InvokeError> {
+        if !wasmer::is_wasm(wasm) {
+            return Err(InvokeError::NotWasm(
+                "the bytes do not start with the WebAssembly magic number `\\0asm`".to_owned(),
+            ));
+        }
+        let started = Instant::now();
+        let compiled = Module::new(&metering_engine(), wasm).map_err(|err| match err {
+            CompileError::Wasm(_) | CompileError::Validate(_) => {
+                InvokeError::NotWasm(err.to_string())
+            }
+            other => InvokeError::Compile(other.to_string()),
+        })?;
+        check_interface(&compiled)?;
+        let artifact = compiled
+            .serialize()
+            .map_err(|err| InvokeError::Compile(format!("cannot serialize the artifact: {err}")))?;
+        drop(compiled);
+        tracing::debug!(
+            module = %hex::encode(hash),
+            elapsed = ?started.elapsed(),
+            artifact_bytes = artifact.len(),
+            "compiled function module"
+        );
+        if let Err(err) = self.write_artifact(path, &artifact) {
+            tracing::warn!(artifact = %path.display(), %err, "cannot cache the function artifact");
+        }
+        deserialize_artifact(&self.engine, &artifact).map_err(|err| {
+            InvokeError::Internal(format!("cannot load the artifact just compiled: {err}"))
+        })
+    }
+
+    /// The cached module at `path`: `Ok(None)` if there is none, `Err` with
+    /// the reason if the file is unusable.
+    fn read_artifact(&self, path: &Path) -> Result<Option<Module>, String> {
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("cannot read it: {err}")),
+        };
+        if bytes.len() < ARTIFACT_HEADER_LEN || !bytes.starts_with(ARTIFACT_MAGIC) {
+            return Err("it does not start with the artifact header".to_owned());
+        }
+        let (header, payload) = bytes.split_at(ARTIFACT_HEADER_LEN);
+        if blake3::hash(payload).as_bytes() != &header[ARTIFACT_MAGIC.len()..] {
+            return Err("its checksum does not match (corrupt file)".to_owned());
+        }
+        deserialize_artifact(&self.engine, payload)
+            .map(Some)
+            .map_err(|err| format!("wasmer cannot deserialize it: {err}"))
+    }
+
+    /// Writes an artifact atomically: temp file, fsync, rename, fsync dir.
+    fn write_artifact(&self, path: &Path, artifact: &[u8]) -> io::Result<()> {
+        let file_name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("artifact");
+        let temp = self.cache_dir.join(format!(
+            ".{file_name}.tmp-{}-{}",
+            std::process::id(),
+            self.temp_counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut file = fs::File::create(&temp)?;
+            file.write_all(ARTIFACT_MAGIC)?;
+            file.write_all(blake3::hash(artifact).as_bytes())?;
+            file.write_all(artifact)?;
+            file.sync_all()?;
+            drop(file);
+            fs::rename(&temp, path)?;
+            fs::File::open(&self.cache_dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+}
+
+/// Loads a serialized artifact into `engine`.
+///
+/// This is the one place where the runtime trusts bytes as machine code.
+#[allow(unsafe_code)]
+fn deserialize_artifact(
+    engine: &Engine,
+    artifact: &[u8],
+) -> Result<Module, wasmer::DeserializeError> {
+    // SAFETY: `Module::deserialize` maps the bytes as executable code, so
+    // they must be an artifact produced by `Module::serialize` of a
+    // compatible engine. They are: either they were serialized by this
+    // process a moment ago (`compile`), or they come from the artifact cache,
+    // which only this node writes, into its own data directory, atomically
+    // (temp file + fsync + rename), under a name keyed by the module's
+    // content hash and by the engine key (wasmer version, compiler, target
+    // CPU features, metering version), and whose blake3 checksum in the file
+    // header was verified just before this call, so a torn or corrupted file
+    // is rejected rather than executed.
+    unsafe { Module::deserialize(engine, artifact) }
+}
+
+/// A fresh Cranelift engine with metering. Each engine compiles exactly one
+/// module: wasmer's `Metering` middleware keeps per-module state and refuses
+/// to be reused.
+fn metering_engine() -> Engine {
+    let mut compiler = Cranelift::default();
+    compiler.push_middleware(Arc::new(Metering::new(INSTANTIATION_POINTS, metering_cost)));
+    EngineBuilder::new(compiler).into()
+}
+
+/// Cost of one operator, in metering points. Version [`METERING_COST_VERSION`].
+///
+/// Operators that compile to nothing or to register moves are free, calls
+/// cost more, and the operators whose work grows with an operand (memory
+/// and table growth, bulk copies and fills) have a fixed high cost: the
+/// metering middleware cannot see the operand, so a loop of huge bulk copies
+/// is undercharged (the wall-clock deadline still answers on time).
+fn metering_cost(operator: &Operator<'_>) -> u64 {
+    match operator {
+        Operator::Nop
+        | Operator::Block { .. }
+        | Operator::Loop { .. }
+        | Operator::Else
+        | Operator::End
+        | Operator::Drop
+        | Operator::LocalGet { .. }
+        | Operator::LocalSet { .. }
+        | Operator::LocalTee { .. }
+        | Operator::I32Const { .. }
+        | Operator::I64Const { .. }
+        | Operator::F32Const { .. }
+        | Operator::F64Const { .. } => 0,
+        Operator::Call { .. }
+        | Operator::CallIndirect { .. }
+        | Operator::ReturnCall { .. }
+        | Operator::ReturnCallIndirect { .. } => 5,
+        Operator::MemoryGrow { .. }
+        | Operator::MemoryFill { .. }
+        | Operator::MemoryCopy { .. }
+        | Operator::MemoryInit { .. }
+        | Operator::TableGrow { .. }
+        | Operator::TableFill { .. }
+        | Operator::TableCopy { .. }
+        | Operator::TableInit { .. } => 100,
+        _ => 1,
+    }
+}
+
+/// Names everything that makes compiled artifacts (in)compatible.
+fn engine_key(engine: &Engine) -> String {
+    let target = engine.target();
+    let description = format!(
+        "wasmer {WASMER_VERSION}; compiler cranelift; target {}; cpu {:?}; metering v{METERING_COST_VERSION} with {INSTANTIATION_POINTS} initial points",
+        target.triple(),
+        target.cpu_features(),
+    );
+    blake3::hash(description.as_bytes()).to_hex()[..16].to_owned()
+}
+
+/// Checks the compiled module's imports and exports against the WAGI
+/// contract.
+fn check_interface(module: &Module) -> Result<(), InvokeError> {
+    for import in module.imports() {
+        let is_wasi_function = import.module() == WASI_MODULE
+            && WASI_PREVIEW1_FUNCTIONS.contains(&import.name())
+            && matches!(import.ty(), ExternType::Function(_));
+        if !is_wasi_function {
+            return Err(InvokeError::UnknownImport {
+                module: import.module().to_owned(),
+                name: import.name().to_owned(),
+            });
+        }
+    }
+    let has_start = module.exports().any(|export| {
+        export.name() == "_start"
+            && matches!(export.ty(), ExternType::Function(ty) if ty.params().is_empty() && ty.results().is_empty())
+    });
+    if has_start {
+        Ok(())
+    } else {
+        Err(InvokeError::NoStart)
+    }
+}
+
+/// The environment of one call (see the module docs for the precedence).
+fn cgi_environment(req: &CgiRequest) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for (name, value) in &req.headers {
+        if name.eq_ignore_ascii_case("content-type")
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("proxy")
+            || value.contains('\0')
+        {
+            continue;
+        }
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            continue;
+        }
+        let key = format!("HTTP_{}", name.to_ascii_uppercase().replace('-', "_"));
+        env.entry(key)
+            .and_modify(|existing: &mut String| {
+                existing.push_str(", ");
+                existing.push_str(value);
+            })
+            .or_insert_with(|| value.clone());
+    }
+    env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let content_type = req
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.clone());
+    let meta = [
+        ("GATEWAY_INTERFACE", "CGI/1.1".to_owned()),
+        ("SERVER_PROTOCOL", "HTTP/1.1".to_owned()),
+        ("SERVER_SOFTWARE", "meshwork".to_owned()),
+        ("REQUEST_METHOD", req.method.clone()),
+        ("PATH_INFO", req.path.clone()),
+        ("QUERY_STRING", req.query.clone()),
+        ("CONTENT_LENGTH", req.body.len().to_string()),
+    ];
+    env.extend(meta.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    match content_type {
+        Some(content_type) => {
+            env.insert("CONTENT_TYPE".to_owned(), content_type);
+        }
+        None => {
+            env.remove("CONTENT_TYPE");
+        }
+    }
+    env
+}
+
+/// Parses CGI output into status, headers and body (see the module docs).
+fn parse_cgi_output(output: Vec<u8>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), InvokeError> {
+    let Some((header_lines, body_start)) = split_header_section(&output) else {
+        let headers = vec![("Content-Type".to_owned(), "text/plain".to_owned())];
+        return Ok((200, headers, output));
+    };
+    let mut status = None;
+    let mut headers = Vec::new();
+    for (name, value) in header_lines {
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(InvokeError::BadOutput(format!(
+                "the value of header `{name}` contains a control character"
+            )));
+        }
+        if name.eq_ignore_ascii_case("status") {
+            let code = value.split_whitespace().next().unwrap_or_default();
+            let code = code
+                .parse::<u16>()
+                .ok()
+                .filter(|code| (100..=599).contains(code))
+                .ok_or_else(|| {
+                    InvokeError::BadOutput(format!(
+                        "`Status: {value}` does not start with an HTTP status code (100-599)"
+                    ))
+                })?;
+            status = Some(code);
+        } else {
+            headers.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    let status = status.unwrap_or_else(|| {
+        let redirect = headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("location"));
+        if redirect { 302 } else { 200 }
+    });
+    let headers = headers.into_iter().map(|(k, v)| (k, v)).collect();
+    let mut body = output;
+    body.drain(..body_start);
+    Ok((status, headers, body))
+}
+
+/// Finds a leading CGI header section: lines of `Name: value` ended by an
+/// empty line (`\n` or `\r\n` line ends). Returns the parsed lines and where
+/// the body starts, or `None` if the output does not begin with one.
+fn split_header_section(output: &[u8]) -> Option<(Vec<(&str, &str)>, usize)> {
+    let mut lines = Vec::new();
+    let mut pos = 0;
+    loop {
+        let end = pos + output[pos..].iter().position(|&b| b == b'\n')?;
+        let line = output[pos..end]
+            .strip_suffix(b"\r")
+            .unwrap_or(&output[pos..end]);
+        pos = end + 1;
+        if line.is_empty() {
+            return Some((lines, pos));
+        }
+        let line = std::str::from_utf8(line).ok()?;
+        let (name, value) = line.split_once(':')?;
+        let is_token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !is_token {
+            return None;
+        }
+        lines.push((name, value.trim()));
+    }
+}
+
+/// How a call ended badly, before stderr and limits are attached.
+#[derive(Debug)]
+enum Failure {
+    /// Out of metering points, or past the wall-clock deadline.
+    Exhausted,
+    /// WASI environment setup failed.
+    Setup(String),
+    /// Instantiation failed.
+    Instantiate(String),
+    /// `proc_exit` with a non-zero code.
+    Exit(i32),
+    /// A trap or another runtime error.
+    Trap(String),
+}
+
+impl Failure {
+    fn into_error(
+        self,
+        limits: &Limits,
+        memory_hit: bool,
+        stdout_overflowed: bool,
+        stderr: Vec<u8>,
+    ) -> InvokeError {
+        match self {
+            Self::Exhausted => InvokeError::Timeout {
+                limit: limits.timeout,
+                stderr,
+            },
+            Self::Setup(message) => InvokeError::Setup(message),
+            _ if memory_hit => InvokeError::MemoryLimit {
+                limit: limits.max_pages().0 as u64 * PAGE_SIZE,
+                stderr,
+            },
+            _ if stdout_overflowed => InvokeError::OutputTooLarge {
+                limit: MAX_STDOUT_BYTES,
+            },
+            Self::Instantiate(message) => InvokeError::Instantiate { message, stderr },
+            Self::Exit(code) => InvokeError::Trap {
+                message: format!("exit code {code}"),
+                stderr,
+            },
+            Self::Trap(message) => InvokeError::Trap { message, stderr },
+        }
+    }
+}
+
+/// Everything one call needs on its thread.
+struct Call {
+    engine: Engine,
+    module: Module,
+    wasi_runtime: Arc<PluggableRuntime>,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    stdin: Body,
+    stdout: Capture,
+    stderr: Capture,
+    max_pages: Pages,
+    memory_hit: Arc<AtomicBool>,
+    budget: u64,
+    kill: Arc<KillSwitch>,
+}
+
+/// Lets the invoking thread stop a call's WASI process at the deadline.
+#[derive(Debug, Default)]
+struct KillSwitch {
+    state: Mutex<KillState>,
+}
+
+#[derive(Debug, Default)]
+struct KillState {
+    killed: bool,
+    process: Option<WasiProcess>,
+}
+
+impl KillSwitch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KillState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers the call's process; `false` if the call was already killed.
+    fn arm(&self, process: WasiProcess) -> bool {
+        let mut state = self.lock();
+        if state.killed {
+            return false;
+        }
+        state.process = Some(process);
+        true
+    }
+
+    fn disarm(&self) {
+        self.lock().process = None;
+    }
+
+    /// Sends SIGKILL to the process, which makes its next (or current,
+    /// blocking) system call exit; marks the call killed if it has not
+    /// started yet.
+    fn kill(&self) {
+        let mut state = self.lock();
+        state.killed = true;
+        if let Some(process) = state.process.take() {
+            process.signal_process(Signal::Sigkill);
+        }
+    }
+}
+
+impl Call {
+    /// Instantiates and runs `_start`; returns the metering points used.
+    fn run(self) -> Result<u64, Failure> {
+        // Same compiled code and signature registry as the shared engine,
+        // but this call's memory cap.
+        let mut engine = self.engine;
+        engine.set_tunables(LimitingTunables {
+            base: BaseTunables::new(),
+            max_pages: self.max_pages,
+            hit: self.memory_hit,
+        });
+        let mut store = Store::new(engine);
+        let no_files: Arc<dyn virtual_fs::FileSystem + Send + Sync> =
+            Arc::new(EmptyFileSystem::default());
+        let builder = WasiEnv::builder("function")
+            .args(self.args)
+            .envs(self.env)
+            .stdin(Box::new(self.stdin))
+            .stdout(Box::new(self.stdout))
+            .stderr(Box::new(self.stderr))
+            .fs(no_files)
+            .runtime(self.wasi_runtime);
+        let (instance, wasi_env) = builder
+            .instantiate(self.module, &mut store)
+            .map_err(|err| match err {
+                wasmer_wasix::WasiRuntimeError::Init(err) => Failure::Setup(err.to_string()),
+                other => Failure::Instantiate(other.to_string()),
+            })?;
+        if !self.kill.arm(wasi_env.data(&store).process.clone()) {
+            wasi_env
+                .data(&store)
+                .blocking_on_exit(Some(Errno::Timedout.into()));
+            return Err(Failure::Exhausted);
+        }
+        set_remaining_points(&mut store, &instance, self.budget);
+        let start = instance
+            .exports
+            .get_function("_start")
+            .map_err(|err| Failure::Instantiate(err.to_string()))?
+            .clone();
+        let result = start.call(&mut store, &[]);
+        let (fuel_used, exhausted) = match get_remaining_points(&mut store, &instance) {
+            MeteringPoints::Remaining(left) => (self.budget.saturating_sub(left), false),
+            MeteringPoints::Exhausted => (self.budget, true),
+        };
+        let (exit_code, outcome) = match result {
+            Ok(_) => (0u16.into(), Ok(fuel_used)),
+            Err(_) if exhausted => (Errno::Timedout.into(), Err(Failure::Exhausted)),
+            Err(err) => match err.downcast::<WasiError>() {
+                Ok(WasiError::Exit(code)) if code.is_success() => (code, Ok(fuel_used)),
+                Ok(WasiError::Exit(code)) => (code, Err(Failure::Exit(code.raw()))),
+                Ok(other) => (Errno::Noexec.into(), Err(Failure::Trap(other.to_string()))),
+                Err(err) => (Errno::Noexec.into(), Err(Failure::Trap(trap_message(&err)))),
+            },
+        };
+        self.kill.disarm();
+        wasi_env.data(&store).blocking_on_exit(Some(exit_code));
+        outcome
+    }
+}
+
+/// A trap's message with the innermost named frames, e.g.
+/// `unreachable (in __rust_abort <- main)`.
+fn trap_message(err: &wasmer::RuntimeError) -> String {
+    let message = err.message();
+    let frames: Vec<&str> = err
+        .trace()
+        .iter()
+        .filter_map(|frame| frame.function_name())
+        .take(4)
+        .collect();
+    if frames.is_empty() {
+        message
+    } else {
+        format!("{message} (in {})", frames.join(" <- "))
+    }
+}
+
+/// Tunables that cap each linear memory at `max_pages` and record a refused
+/// allocation or growth in `hit`.
+struct LimitingTunables {
+    base: BaseTunables,
+    max_pages: Pages,
+    hit: Arc<AtomicBool>,
+}
+
+impl LimitingTunables {
+    /// The memory type with its maximum lowered to the cap; an error (and
+    /// `hit`) if even its minimum is above the cap.
+    fn limit(&self, ty: &MemoryType) -> Result<MemoryType, MemoryError> {
+        if ty.minimum > self.max_pages {
+            self.hit.store(true, Ordering::SeqCst);
+            return Err(MemoryError::MinimumMemoryTooLarge {
+                min_requested: ty.minimum,
+                max_allowed: self.max_pages,
+            });
+        }
+        let mut limited = *ty;
+        limited.maximum = Some(
+            ty.maximum
+                .map_or(self.max_pages, |max| max.min(self.max_pages)),
+        );
+        Ok(limited)
+    }
+
+    fn wrap(&self, memory: VMMemory) -> VMMemory {
+        let recording: Box<dyn LinearMemory + Send + Sync + 'static> = Box::new(RecordingMemory {
+            inner: memory,
+            hit: self.hit.clone(),
+        });
+        VMMemory::from(recording)
+    }
+}
+
+#[allow(unsafe_code)]
+impl Tunables for LimitingTunables {
+    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
+        // Must match the style the artifact was compiled with: the base's.
+        self.base.memory_style(memory)
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.base.table_style(table)
+    }
+
+    fn create_host_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+    ) -> Result<VMMemory, MemoryError> {
+        let ty = self.limit(ty)?;
+        Ok(self.wrap(self.base.create_host_memory(&ty, style)?))
+    }
+
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        vm_definition_location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, MemoryError> {
+        let ty = self.limit(ty)?;
+        // SAFETY: forwarded unchanged from wasmer, which guarantees that
+        // `vm_definition_location` points to a valid memory definition.
+        let memory = unsafe {
+            self.base
+                .create_vm_memory(&ty, style, vm_definition_location)?
+        };
+        Ok(self.wrap(memory))
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.base.create_host_table(ty, style)
+    }
+
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        vm_definition_location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        // SAFETY: forwarded unchanged from wasmer, which guarantees that
+        // `vm_definition_location` points to a valid table definition.
+        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+    }
+}
+
+/// A linear memory that records failed growth (the module hit its cap).
+#[derive(Debug)]
+struct RecordingMemory {
+    inner: VMMemory,
+    hit: Arc<AtomicBool>,
+}
+
+impl LinearMemory for RecordingMemory {
+    fn ty(&self) -> MemoryType {
+        self.inner.ty()
+    }
+
+    fn size(&self) -> Pages {
+        self.inner.size()
+    }
+
+    fn style(&self) -> MemoryStyle {
+        self.inner.style()
+    }
+
+    fn grow(&mut self, delta: Pages) -> Result<Pages, MemoryError> {
+        let result = self.inner.grow(delta);
+        if result.is_err() {
+            self.hit.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn grow_at_least(&mut self, min_size: u64) -> Result<(), MemoryError> {
+        let result = self.inner.grow_at_least(min_size);
+        if result.is_err() {
+            self.hit.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn reset(&mut self) -> Result<(), MemoryError> {
+        self.inner.reset()
+    }
+
+    fn vmmemory(&self) -> NonNull<VMMemoryDefinition> {
+        self.inner.vmmemory()
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn LinearMemory + Send + Sync + 'static>, MemoryError> {
+        self.inner.try_clone().map(|inner| {
+            Box::new(RecordingMemory {
+                inner,
+                hit: self.hit.clone(),
+            }) as Box<dyn LinearMemory + Send + Sync + 'static>
+        })
+    }
+
+    fn copy(&self) -> Result<Box<dyn LinearMemory + Send + Sync + 'static>, MemoryError> {
+        self.inner.copy()
+    }
+}
+
+/// Standard input: the request body, then end of file.
+#[derive(Debug)]
+struct Body {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl Body {
+    fn new(data: Vec<u8>) -> Self {
+        Self { data, pos: 0 }
+    }
+}
+
+impl AsyncRead for Body {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let n = buf.remaining().min(this.data.len() - this.pos);
+        buf.put_slice(&this.data[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Body {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "standard input is read-only",
+        )))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for Body {
+    fn start_seek(self: Pin<&mut Self>, _position: io::SeekFrom) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "standard input is not seekable",
+        ))
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Poll::Ready(Ok(self.pos as u64))
+    }
+}
+
+impl VirtualFile for Body {
+    fn last_accessed(&self) -> u64 {
+        0
+    }
+
+    fn last_modified(&self) -> u64 {
+        0
+    }
+
+    fn created_time(&self) -> u64 {
+        0
+    }
+
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
+        Err(virtual_fs::FsError::PermissionDenied)
+    }
+
+    fn unlink(&mut self) -> virtual_fs::Result<()> {
+        Ok(())
+    }
+
+    fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(self.data.len() - self.pos))
+    }
+
+    fn poll_write_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(0))
+    }
+}
+
+/// Standard output or error: a bounded in-memory buffer shared with the
+/// invoking thread, which can read it even while the call still runs.
+#[derive(Debug, Clone)]
+struct Capture {
+    inner: Arc<Mutex<CaptureBuffer>>,
+    /// Whether a write past the limit fails (stdout) or is dropped (stderr).
+    fail_on_overflow: bool,
+}
+
+#[derive(Debug)]
+struct CaptureBuffer {
+    data: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl Capture {
+    fn new(limit: usize, fail_on_overflow: bool) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(CaptureBuffer {
+                data: Vec::new(),
+                limit,
+                overflowed: false,
+            })),
+            fail_on_overflow,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CaptureBuffer> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A copy of what was written so far.
+    fn contents(&self) -> Vec<u8> {
+        self.lock().data.clone()
+    }
+
+    fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+}
+
+impl AsyncWrite for Capture {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let fail_on_overflow = self.fail_on_overflow;
+        let mut inner = self.lock();
+        let room = inner.limit - inner.data.len();
+        if buf.len() <= room {
+            inner.data.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        inner.overflowed = true;
+        if fail_on_overflow {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the function's output exceeds the size limit",
+            )))
+        } else {
+            inner.data.extend_from_slice(&buf[..room]);
+            Poll::Ready(Ok(buf.len()))
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for Capture {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Nothing to read: end of file.
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for Capture {
+    fn start_seek(self: Pin<&mut Self>, _position: io::SeekFrom) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "output is not seekable",
+        ))
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Poll::Ready(Ok(self.lock().data.len() as u64))
+    }
+}
+
+impl VirtualFile for Capture {
+    fn last_accessed(&self) -> u64 {
+        0
+    }
+
+    fn last_modified(&self) -> u64 {
+        0
+    }
+
+    fn created_time(&self) -> u64 {
+        0
+    }
+
+    fn size(&self) -> u64 {
+        self.lock().data.len() as u64
+    }
+
+    fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
+        Err(virtual_fs::FsError::PermissionDenied)
+    }
+
+    fn unlink(&mut self) -> virtual_fs::Result<()> {
+        Ok(())
+    }
+
+    fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(0))
+    }
+
+    fn poll_write_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(8192))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    /// The example functions' workspace (`<repo>/examples`).
+    fn examples_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    }
+
+    /// Builds the examples once per test process and returns the wasm bytes
+    /// of one of them.
+    fn example(name: &str) -> Vec<u8> {
+        static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let out_dir = BUILT
+            .get_or_init(build_examples)
+            .as_ref()
+            .unwrap_or_else(|msg| panic!("{msg}"));
+        let path = out_dir.join(format!("{name}.wasm"));
+        fs::read(&path).unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
+    }
+
+    fn build_examples() -> Result<PathBuf, String> {
+        let dir = examples_dir();
+        let sysroot = Command::new("rustc")
+            .args(["--print", "sysroot"])
+            .output()
+            .map_err(|err| format!("cannot run rustc: {err}"))?;
+        let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
+        if !Path::new(&sysroot)
+            .join("lib/rustlib/wasm32-wasip1")
+            .is_dir()
+        {
+            return Err(format!(
+                "the wasm32-wasip1 target is not installed in {sysroot}; run `rustup target add wasm32-wasip1`"
+            ));
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let target_dir = dir.join("target");
+        let output = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
+            .arg(dir.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            // The examples are their own project: no flags meant for the host build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .map_err(|err| format!("cannot run cargo: {err}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let hint = if stderr.contains("wasm32-wasip1") && stderr.contains("not installed")
+                || stderr.contains("can't find crate for `std`")
+            {
+                "\nrun `rustup target add wasm32-wasip1`"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "building the example functions failed:\n{stderr}{hint}"
+            ));
+        }
+        Ok(target_dir.join("wasm32-wasip1/release"))
+    }
+
+    fn runtime() -> (tempfile::TempDir, FunctionRuntime) {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = FunctionRuntime::new(dir.path()).unwrap();
+        (dir, runtime)
+    }
+
+    fn load(
+        runtime: &FunctionRuntime,
+        wasm: &[u8],
+    ) -> Result<(LoadedModule, CacheOutcome), InvokeError> {
+        runtime.load(*blake3::hash(wasm).as_bytes(), wasm)
+    }
+
+    fn limits() -> Limits {
+        Limits::new(64 * 1024 * 1024, Duration::from_secs(5))
+    }
+
+    fn get(query: &str) -> CgiRequest {
+        CgiRequest {
+            method: "GET".to_owned(),
+            path: "/".to_owned(),
+            query: query.to_owned(),
+            ..CgiRequest::default()
+        }
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    #[test]
+    fn hello_answers_with_the_name_from_the_query() {
+        let (_dir, runtime) = runtime();
+        let (module, outcome) = load(&runtime, &example("hello")).unwrap();
+        assert_eq!(outcome, CacheOutcome::Compiled);
+        let mut req = get("x=1&name=ann");
+        req.method = "POST".to_owned();
+        let resp = runtime.invoke(&module, req, &limits()).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-type"), Some("text/plain"));
+        let body = text(&resp.body);
+        assert!(body.starts_with("hello, ann\n"), "{body:?}");
+        assert!(body.contains("method: POST"), "{body:?}");
+        assert!(resp.fuel_used > 0);
+
+        let resp = runtime.invoke(&module, get(""), &limits()).unwrap();
+        assert!(text(&resp.body).starts_with("hello, world\n"));
+    }
+
+    #[test]
+    fn echo_returns_the_body_and_captures_stderr() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("echo")).unwrap();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let req = CgiRequest {
+            method: "PUT".to_owned(),
+            body: body.clone(),
+            ..CgiRequest::default()
+        };
+        let resp = runtime.invoke(&module, req, &limits()).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.header("Content-Type"),
+            Some("application/octet-stream")
+        );
+        assert_eq!(resp.body, body);
+        assert_eq!(text(&resp.stderr), "echo: 100000 bytes\n");
+    }
+
+    #[test]
+    fn spin_times_out_and_the_runtime_keeps_working() {
+        let (_dir, runtime) = runtime();
+        let (spin, _) = load(&runtime, &example("spin")).unwrap();
+        let limits = Limits::new(64 * 1024 * 1024, Duration::from_millis(500));
+        let started = Instant::now();
+        let err = runtime.invoke(&spin, get(""), &limits).unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(matches!(err, InvokeError::Timeout { .. }), "{err:?}");
+        assert_eq!(err.http_status(), 504);
+        assert!(elapsed < Duration::from_millis(1500), "took {elapsed:?}");
+
+        let (hello, _) = load(&runtime, &example("hello")).unwrap();
+        let resp = runtime.invoke(&hello, get("name=bo"), &limits).unwrap();
+        assert!(text(&resp.body).starts_with("hello, bo\n"));
+    }
+
+    #[test]
+    fn exhausting_the_cpu_budget_is_a_timeout() {
+        let (_dir, runtime) = runtime();
+        let (spin, _) = load(&runtime, &example("spin")).unwrap();
+        // A generous wall clock but the minimum budget: metering ends it.
+        let limits = Limits::new(64 * 1024 * 1024, Duration::ZERO);
+        assert_eq!(limits.fuel_budget(), 1_000_000);
+        let call = Call {
+            engine: runtime.engine.clone(),
+            module: spin.module.clone(),
+            wasi_runtime: runtime.wasi_runtime.clone(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            stdin: Body::new(Vec::new()),
+            stdout: Capture::new(1024, true),
+            stderr: Capture::new(1024, false),
+            max_pages: limits.max_pages(),
+            memory_hit: Arc::new(AtomicBool::new(false)),
+            budget: limits.fuel_budget(),
+            kill: Arc::default(),
+        };
+        assert!(matches!(call.run(), Err(Failure::Exhausted)));
+    }
+
+    #[test]
+    fn grow_hits_the_memory_limit() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("grow")).unwrap();
+        let limits = Limits::new(32 * 1024 * 1024, Duration::from_secs(10));
+        let err = runtime.invoke(&module, get(""), &limits).unwrap_err();
+        match &err {
+            InvokeError::MemoryLimit { limit, stderr } => {
+                assert_eq!(*limit, 32 * 1024 * 1024);
+                assert!(
+                    text(stderr).contains("memory allocation"),
+                    "{}",
+                    text(stderr)
+                );
+            }
+            other => panic!("expected MemoryLimit, got {other:?}"),
+        }
+        assert_eq!(err.http_status(), 502);
+    }
+
+    #[test]
+    fn a_memory_minimum_above_the_limit_is_a_memory_limit_error() {
+        let (_dir, runtime) = runtime();
+        let wasm =
+            wat::parse_str(r#"(module (memory (export "memory") 100) (func (export "_start")))"#)
+                .unwrap();
+        let (module, _) = load(&runtime, &wasm).unwrap();
+        let limits = Limits::new(10 * PAGE_SIZE, Duration::from_secs(5));
+        let err = runtime.invoke(&module, get(""), &limits).unwrap_err();
+        assert!(
+            matches!(err, InvokeError::MemoryLimit { limit, .. } if limit == 10 * PAGE_SIZE),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn trap_reports_the_trap_with_stderr() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("trap")).unwrap();
+        let err = runtime.invoke(&module, get(""), &limits()).unwrap_err();
+        match &err {
+            InvokeError::Trap { message, stderr } => {
+                assert!(message.contains("unreachable"), "{message}");
+                let stderr = text(stderr);
+                assert!(stderr.contains("trap: about to fail"), "{stderr}");
+                assert!(stderr.contains("deliberate failure"), "{stderr}");
+            }
+            other => panic!("expected Trap, got {other:?}"),
+        }
+        assert_eq!(err.http_status(), 502);
+    }
+
+    /// A module whose `_start` writes `text` to stdout and then calls
+    /// `proc_exit(code)`.
+    fn exiting_module(text: &str, code: i32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 16) "{text}")
+                (func (export "_start")
+                    (i32.store (i32.const 0) (i32.const 16))
+                    (i32.store (i32.const 4) (i32.const {len}))
+                    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                    (call $proc_exit (i32.const {code}))))"#,
+            len = text.len(),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn proc_exit_zero_is_success_and_non_zero_is_a_trap() {
+        let (_dir, runtime) = runtime();
+        let (ok, _) = load(&runtime, &exiting_module("done", 0)).unwrap();
+        let resp = runtime.invoke(&ok, get(""), &limits()).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, b"done");
+        assert_eq!(resp.header("content-type"), Some("text/plain"));
+
+        let (failing, _) = load(&runtime, &exiting_module("partial", 3)).unwrap();
+        let err = runtime.invoke(&failing, get(""), &limits()).unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::Trap { message, .. } if message == "exit code 3"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_modules_are_refused_at_load_time() {
+        let (_dir, runtime) = runtime();
+
+        let err = load(&runtime, b"#!/bin/sh\necho hi\n").unwrap_err();
+        assert!(matches!(err, InvokeError::NotWasm(_)), "{err:?}");
+        let err = load(&runtime, b"\0asm\x01\0\0\0\x01\xff").unwrap_err();
+        assert!(matches!(err, InvokeError::NotWasm(_)), "{err:?}");
+
+        let no_start =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "main")))"#)
+                .unwrap();
+        let err = load(&runtime, &no_start).unwrap_err();
+        assert!(matches!(err, InvokeError::NoStart), "{err:?}");
+
+        let foreign = wat::parse_str(
+            r#"(module (import "env" "foo" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+        )
+        .unwrap();
+        let err = load(&runtime, &foreign).unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::UnknownImport { module, name } if module == "env" && name == "foo"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("`env.foo`"), "{err}");
+
+        let wasix = wat::parse_str(
+            r#"(module (import "wasix_32v1" "thread_spawn" (func (param i32) (result i32))) (memory (export "memory") 1) (func (export "_start")))"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            load(&runtime, &wasix),
+            Err(InvokeError::UnknownImport { .. })
+        ));
+
+        // Nothing invalid was cached.
+        assert!(fs::read_dir(&runtime.cache_dir).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn bytes_must_match_their_hash() {
+        let (_dir, runtime) = runtime();
+        let err = runtime.load([7; 32], &example("hello")).unwrap_err();
+        assert!(matches!(err, InvokeError::HashMismatch { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn artifacts_are_reused_across_runtimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = example("hello");
+        let hash = *blake3::hash(&wasm).as_bytes();
+
+        let first = FunctionRuntime::new(dir.path()).unwrap();
+        assert!(!first.has_artifact(hash));
+        assert_eq!(first.load(hash, &wasm).unwrap().1, CacheOutcome::Compiled);
+        assert_eq!(first.load(hash, &wasm).unwrap().1, CacheOutcome::MemoryHit);
+        assert!(first.has_artifact(hash));
+        assert!(first.artifact_path(hash).is_file());
+        drop(first);
+
+        let second = FunctionRuntime::new(dir.path()).unwrap();
+        assert!(second.has_artifact(hash));
+        assert!(second.cached(hash).is_none());
+        let (module, outcome) = second.load(hash, &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::DiskHit);
+        let resp = second.invoke(&module, get("name=disk"), &limits()).unwrap();
+        assert!(text(&resp.body).starts_with("hello, disk\n"));
+        // No temp files left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn corrupt_artifacts_are_recompiled() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = example("hello");
+        let hash = *blake3::hash(&wasm).as_bytes();
+        let path = {
+            let runtime = FunctionRuntime::new(dir.path()).unwrap();
+            runtime.load(hash, &wasm).unwrap();
+            runtime.artifact_path(hash)
+        };
+        let good = fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0xff;
+        let truncated = good[..good.len() / 3].to_vec();
+        let mut garbage_payload = good[..ARTIFACT_HEADER_LEN].to_vec();
+        garbage_payload.extend_from_slice(&[0xab; 4096]);
+        let checksum = *blake3::hash(&garbage_payload[ARTIFACT_HEADER_LEN..]).as_bytes();
+        garbage_payload[ARTIFACT_MAGIC.len()..ARTIFACT_HEADER_LEN].copy_from_slice(&checksum);
+
+        for corrupt in [flipped, truncated, garbage_payload, Vec::new()] {
+            fs::write(&path, &corrupt).unwrap();
+            let runtime = FunctionRuntime::new(dir.path()).unwrap();
+            let (module, outcome) = runtime.load(hash, &wasm).unwrap();
+            assert_eq!(outcome, CacheOutcome::Compiled);
+            let resp = runtime
+                .invoke(&module, get("name=fixed"), &limits())
+                .unwrap();
+            assert!(text(&resp.body).starts_with("hello, fixed\n"));
+            // The artifact was rewritten and is good again.
+            let runtime = FunctionRuntime::new(dir.path()).unwrap();
+            assert_eq!(runtime.load(hash, &wasm).unwrap().1, CacheOutcome::DiskHit);
+        }
+    }
+
+    #[test]
+    fn cgi_environment_follows_the_documented_precedence() {
+        let req = CgiRequest {
+            method: "POST".to_owned(),
+            path: "/a/b".to_owned(),
+            query: "q=1".to_owned(),
+            headers: vec![
+                ("Content-Type".to_owned(), "application/json".to_owned()),
+                ("Content-Length".to_owned(), "999".to_owned()),
+                ("X-Trace-Id".to_owned(), "abc".to_owned()),
+                ("accept".to_owned(), "text/html".to_owned()),
+                ("Accept".to_owned(), "text/plain".to_owned()),
+                ("Proxy".to_owned(), "evil:8080".to_owned()),
+                ("Secret".to_owned(), "from-client".to_owned()),
+                ("Bad=Name".to_owned(), "x".to_owned()),
+            ],
+            body: b"{}".to_vec(),
+            env: BTreeMap::from([
+                ("HTTP_SECRET".to_owned(), "from-deploy".to_owned()),
+                ("REQUEST_METHOD".to_owned(), "SPOOF".to_owned()),
+                ("GREETING".to_owned(), "hi".to_owned()),
+            ]),
+            args: Vec::new(),
+        };
+        let env = cgi_environment(&req);
+        let get = |key: &str| env.get(key).map(String::as_str);
+        assert_eq!(get("REQUEST_METHOD"), Some("POST"));
+        assert_eq!(get("PATH_INFO"), Some("/a/b"));
+        assert_eq!(get("QUERY_STRING"), Some("q=1"));
+        assert_eq!(get("CONTENT_LENGTH"), Some("2"));
+        assert_eq!(get("CONTENT_TYPE"), Some("application/json"));
+        assert_eq!(get("SERVER_PROTOCOL"), Some("HTTP/1.1"));
+        assert_eq!(get("GATEWAY_INTERFACE"), Some("CGI/1.1"));
+        assert_eq!(get("HTTP_X_TRACE_ID"), Some("abc"));
+        assert_eq!(get("HTTP_ACCEPT"), Some("text/html, text/plain"));
+        assert_eq!(get("HTTP_SECRET"), Some("from-deploy"));
+        assert_eq!(get("GREETING"), Some("hi"));
+        assert_eq!(get("HTTP_PROXY"), None);
+        assert_eq!(get("HTTP_CONTENT_TYPE"), None);
+        assert_eq!(get("HTTP_CONTENT_LENGTH"), None);
+        assert!(env.keys().all(|key| !key.contains('=')));
+    }
+
+    #[test]
+    fn function_env_and_args_reach_the_module() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("hello")).unwrap();
+        let mut req = get("name=x");
+        req.env.insert("BAD=KEY".to_owned(), "v".to_owned());
+        let err = runtime.invoke(&module, req, &limits()).unwrap_err();
+        assert!(matches!(err, InvokeError::Setup(_)), "{err:?}");
+        assert_eq!(err.http_status(), 500);
+    }
+
+    #[test]
+    fn cgi_output_parsing() {
+        let parse = |out: &[u8]| parse_cgi_output(out.to_vec());
+
+        let (status, headers, body) = parse(
+            b"Status: 404 Not Found\r\nContent-Type: text/html\r\nX-A:  b \r\n\r\n<p>gone</p>",
+        )
+        .unwrap();
+        assert_eq!(status, 404);
+        assert_eq!(
+            headers,
+            vec![
+                ("Content-Type".to_owned(), "text/html".to_owned()),
+                ("X-A".to_owned(), "b".to_owned())
+            ]
+        );
+        assert_eq!(body, b"<p>gone</p>");
+
+        let (status, headers, body) = parse(b"just text\nmore\n").unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"just text\nmore\n"[..]));
+        assert_eq!(
+            headers,
+            vec![("Content-Type".to_owned(), "text/plain".to_owned())]
+        );
+
+        // A blank line after something that is not a header: all body.
+        let (_, _, body) = parse(b"hello world\n\nsecond paragraph\n").unwrap();
+        assert_eq!(body, b"hello world\n\nsecond paragraph\n");
+        // Headers without the blank line: all body.
+        let (_, _, body) = parse(b"Content-Type: text/plain\n").unwrap();
+        assert_eq!(body, b"Content-Type: text/plain\n");
+        // Empty output.
+        assert_eq!(parse(b"").unwrap().0, 200);
+        // Empty header section.
+        let (status, headers, body) = parse(b"\nbody").unwrap();
+        assert_eq!(
+            (status, headers.len(), body.as_slice()),
+            (200, 0, &b"body"[..])
+        );
+        // Redirect.
+        let (status, _, _) = parse(b"Location: /elsewhere\n\n").unwrap();
+        assert_eq!(status, 302);
+        // Binary body after headers.
+        let (_, _, body) =
+            parse(b"Content-Type: application/octet-stream\n\n\xff\x00\n\n").unwrap();
+        assert_eq!(body, b"\xff\x00\n\n");
+
+        for bad in [
+            &b"Status: teapot\n\n"[..],
+            b"Status: 42\n\n",
+            b"Status: 700 Weird\n\n",
+            b"X: a\x07b\n\n",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(matches!(err, InvokeError::BadOutput(_)), "{err:?}");
+            assert_eq!(err.http_status(), 502);
+        }
+    }
+
+    #[test]
+    fn oversized_output_is_refused() {
+        let mut capture = Capture::new(10, true);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(matches!(
+            Pin::new(&mut capture).poll_write(&mut cx, b"12345"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(
+            Pin::new(&mut capture).poll_write(&mut cx, b"123456"),
+            Poll::Ready(Err(_))
+        ));
+        assert!(capture.overflowed());
+        assert_eq!(capture.contents(), b"12345");
+
+        let mut stderr = Capture::new(10, false);
+        assert!(matches!(
+            Pin::new(&mut stderr).poll_write(&mut cx, b"123456789012"),
+            Poll::Ready(Ok(12))
+        ));
+        assert_eq!(stderr.contents(), b"1234567890");
+    }
+
+    /// Prints the numbers behind the docs: compile, artifact load and call
+    /// times, and the metering throughput that [`POINTS_PER_SECOND`] is
+    /// calibrated from. Run with
+    /// `cargo test --release -- --ignored --nocapture measure_function_runtime`.
+    #[test]
+    #[ignore = "measurement, not a check; run in release mode"]
+    fn measure_function_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = example("hello");
+        let hash = *blake3::hash(&wasm).as_bytes();
+        let runtime = FunctionRuntime::new(dir.path()).unwrap();
+        let started = Instant::now();
+        let (module, outcome) = runtime.load(hash, &wasm).unwrap();
+        assert_eq!(outcome, CacheOutcome::Compiled);
+        println!(
+            "compile hello ({} bytes): {:?}",
+            wasm.len(),
+            started.elapsed()
+        );
+        let artifact_len = fs::metadata(runtime.artifact_path(hash)).unwrap().len();
+
+        let started = Instant::now();
+        runtime.load(hash, &wasm).unwrap();
+        println!("memory hit: {:?}", started.elapsed());
+
+        let mut disk_times = Vec::new();
+        for _ in 0..20 {
+            let fresh = FunctionRuntime::new(dir.path()).unwrap();
+            let started = Instant::now();
+            let (_, outcome) = fresh.load(hash, &wasm).unwrap();
+            disk_times.push(started.elapsed());
+            assert_eq!(outcome, CacheOutcome::DiskHit);
+        }
+        disk_times.sort();
+        println!(
+            "disk hit ({artifact_len} byte artifact), median of 20: {:?}",
+            disk_times[10]
+        );
+
+        let limits = Limits::default();
+        for _ in 0..50 {
+            runtime.invoke(&module, get("name=warm"), &limits).unwrap();
+        }
+        let calls = 1000;
+        let started = Instant::now();
+        let mut fuel = 0;
+        for _ in 0..calls {
+            fuel = runtime
+                .invoke(&module, get("name=ann"), &limits)
+                .unwrap()
+                .fuel_used;
+        }
+        println!(
+            "hello call, mean of {calls}: {:?} ({fuel} points)",
+            started.elapsed() / calls
+        );
+
+        let (spin, _) = load(&runtime, &example("spin")).unwrap();
+        let budget = 3_000_000_000;
+        let call = Call {
+            engine: runtime.engine.clone(),
+            module: spin.module.clone(),
+            wasi_runtime: runtime.wasi_runtime.clone(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            stdin: Body::new(Vec::new()),
+            stdout: Capture::new(1024, true),
+            stderr: Capture::new(1024, false),
+            max_pages: limits.max_pages(),
+            memory_hit: Arc::new(AtomicBool::new(false)),
+            budget,
+            kill: Arc::default(),
+        };
+        let started = Instant::now();
+        assert!(matches!(call.run(), Err(Failure::Exhausted)));
+        let elapsed = started.elapsed();
+        println!(
+            "spin: {budget} points in {elapsed:?} = {:.2e} points/s",
+            budget as f64 / elapsed.as_secs_f64()
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn calibrate_tmp() {
+        let (_dir, runtime) = runtime();
+        let wasm = fs::read("/tmp/wasm-bench/target/wasm32-wasip1/release/compute.wasm").unwrap();
+        let (module, _) = load(&runtime, &wasm).unwrap();
+        for (mode, budget) in [
+            ("sort", 3_000_000_000u64),
+            ("map", 1_000_000_000),
+            ("copy", 1_000_000_000),
+        ] {
+            let call = Call {
+                engine: runtime.engine.clone(),
+                module: module.module.clone(),
+                wasi_runtime: runtime.wasi_runtime.clone(),
+                args: Vec::new(),
+                env: BTreeMap::from([("QUERY_STRING".to_owned(), mode.to_owned())]),
+                stdin: Body::new(Vec::new()),
+                stdout: Capture::new(1024, true),
+                stderr: Capture::new(1024, false),
+                max_pages: Limits::default().max_pages(),
+                memory_hit: Arc::new(AtomicBool::new(false)),
+                budget,
+                kill: Arc::default(),
+            };
+            let started = Instant::now();
+            let r = call.run();
+            let elapsed = started.elapsed();
+            println!(
+                "{mode}: {r:?} {budget} points in {elapsed:?} = {:.2e} points/s",
+                budget as f64 / elapsed.as_secs_f64()
+            );
+        }
+        for mode in ["sleep", "log", "sort"] {
+            let limits = Limits::new(64 << 20, Duration::from_millis(300));
+            let started = Instant::now();
+            let err = runtime.invoke(&module, get(mode), &limits).unwrap_err();
+            println!(
+                "{mode}: {err} after {:?}; runaway {}",
+                started.elapsed(),
+                runtime.runaway_calls()
+            );
+            let mut waited = Duration::ZERO;
+            while runtime.runaway_calls() > 0 && waited < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(10));
+                waited += Duration::from_millis(10);
+            }
+            println!("{mode}: runaway ended {:?} after the timeout", waited);
+        }
+    }
+
+    #[test]
+    fn wasmer_version_in_the_cache_key_matches_cargo_lock() {
+        let lock_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+        let lock = fs::read_to_string(&lock_path).unwrap();
+        let version = lock
+            .split("[[package]]")
+            .find(|pkg| pkg.contains("\nname = \"wasmer\"\n"))
+            .and_then(|pkg| {
+                pkg.lines()
+                    .find_map(|line| line.strip_prefix("version = \""))
+            })
+            .map(|v| v.trim_end_matches('"'))
+            .expect("wasmer in Cargo.lock");
+        assert_eq!(
+            version, WASMER_VERSION,
+            "update WASMER_VERSION after upgrading wasmer"
+        );
+    }
+}
