@@ -207,8 +207,20 @@ pub async fn admit(
             Ok((remote, muxer))
         }
         Ok(Err(e)) => {
-            metrics::counter!("mesh_admission_total", "result" => "refused").increment(1);
-            tracing::warn!(peer = %remote, error = %e, "admission failed");
+            match &e {
+                AdmissionError::BadProof(_)
+                | AdmissionError::Refused(_)
+                | AdmissionError::NotMeshwork(_) => {
+                    metrics::counter!("mesh_admission_total", "result" => "refused").increment(1);
+                    tracing::warn!(peer = %remote, error = %e, "admission failed");
+                }
+                // A connection closed mid-exchange (e.g. both sides dialled at once and
+                // libp2p kept the other connection): not a verdict on the peer.
+                AdmissionError::Io { .. } | AdmissionError::Timeout(_) => {
+                    metrics::counter!("mesh_admission_total", "result" => "error").increment(1);
+                    tracing::debug!(peer = %remote, error = %e, "admission exchange broke off");
+                }
+            }
             Err(e)
         }
         Err(_) => {

@@ -253,7 +253,12 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(network.run(shutdown_rx.clone()));
-        tasks.spawn(transfer::serve(control, store, serve_mode));
+        tasks.spawn(transfer::serve(
+            control,
+            store,
+            serve_mode,
+            shutdown_rx.clone(),
+        ));
         tasks.spawn(
             registry
                 .clone()
@@ -314,10 +319,18 @@ impl Node {
         let _ = self.tasks.join_next().await;
     }
 
-    /// Stops every task and waits for them.
+    /// Stops every task: asks them to stop, gives them five seconds, then aborts the rest.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("tasks did not stop within 5 s; aborting them");
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
         tracing::info!("node stopped");
     }
 }

@@ -294,6 +294,9 @@ impl MeshNetwork {
                     };
                     score.topics.insert(IdentTopic::new(t).hash(), params);
                 }
+                // Many members behind one address (a homelab NAT, a test on loopback) are
+                // normal here, and every peer has already proven the secret: no penalty.
+                score.ip_colocation_factor_weight = 0.0;
                 gossipsub.with_peer_score(score, gossipsub::PeerScoreThresholds::default())?;
                 let sync = request_response::cbor::Behaviour::with_codec(
                     request_response::cbor::codec::Codec::default()
@@ -664,7 +667,7 @@ impl MeshNetwork {
             }
             if j.failures > 0 {
                 tracing::warn!(addr = %j.addr, attempt = j.failures + 1, retry_in = ?j.backoff,
-                    "join address not reachable yet; retrying");
+                    "not joined through this address yet (unreachable, or admission refused); retrying");
             }
             j.next_attempt = now + j.backoff;
             j.backoff = (j.backoff * 2).min(JOIN_BACKOFF_MAX);

@@ -336,14 +336,14 @@ impl Registry {
         Ok((info, meta))
     }
 
-    /// Holders of a blob according to the state, alive ones first.
-    pub fn holders(&self, hash: &Hash) -> Vec<Holder> {
-        let prefix = format!("{HOLDER_PREFIX}{hash}/");
+    /// The nodes named by the records `<prefix><peer id>`, with their names and whether they
+    /// are alive now; alive ones first.
+    fn nodes_under(&self, prefix: &str) -> Vec<Holder> {
         let peers: Vec<String> = {
             let replica = self.node.replica.lock().expect("replica lock");
             replica
                 .map()
-                .list(&prefix)
+                .list(prefix)
                 .map(|e| e.key[prefix.len()..].to_string())
                 .collect()
         };
@@ -364,37 +364,25 @@ impl Registry {
         out
     }
 
+    /// Holders of a blob according to the state, alive ones first.
+    pub fn holders(&self, hash: &Hash) -> Vec<Holder> {
+        self.nodes_under(&format!("{HOLDER_PREFIX}{hash}/"))
+    }
+
     /// Live nodes to fetch a blob from: its holders, and other nodes pulling it right now.
     pub fn sources(&self, hash: &Hash) -> Vec<Source> {
         let me = self.node.peer_id;
-        let mut out: Vec<Source> = self
-            .holders(hash)
+        let holders = self.holders(hash).into_iter().map(|h| (h, true));
+        let pullers = self
+            .nodes_under(&format!("{PULLING_PREFIX}{hash}/"))
             .into_iter()
-            .filter(|h| h.alive && h.peer != me)
-            .map(|h| Source {
-                peer: h.peer,
-                complete: true,
-            })
-            .collect();
-        let prefix = format!("{PULLING_PREFIX}{hash}/");
-        let pullers: Vec<String> = {
-            let replica = self.node.replica.lock().expect("replica lock");
-            replica
-                .map()
-                .list(&prefix)
-                .map(|e| e.key[prefix.len()..].to_string())
-                .collect()
-        };
-        let table = self.node.membership.read().expect("membership lock");
-        for p in pullers {
-            let alive = table.get(&p).is_some_and(|m| m.state == MemberState::Alive);
-            if let (true, Ok(peer)) = (alive, p.parse::<PeerId>())
-                && peer != me
-                && !out.iter().any(|s| s.peer == peer)
-            {
+            .map(|h| (h, false));
+        let mut out: Vec<Source> = Vec::new();
+        for (h, complete) in holders.chain(pullers) {
+            if h.alive && h.peer != me && !out.iter().any(|s| s.peer == h.peer) {
                 out.push(Source {
-                    peer,
-                    complete: false,
+                    peer: h.peer,
+                    complete,
                 });
             }
         }
@@ -421,7 +409,10 @@ impl Registry {
             let sources = || self.sources(hash);
             let result =
                 transfer::fetch(&self.control, &self.store, expected, sources, progress).await;
-            self.node.write(&pulling_key, None)?;
+            if let Err(e) = self.node.write(&pulling_key, None) {
+                // The pull's own outcome matters more (a full disk fails both).
+                tracing::warn!(blob = %hash, error = %e, "cannot clear the pulling record");
+            }
             let (info, report) = result?;
             tracing::info!(blob = %hash, from_holders = report.chunks_from_holders,
                 from_pullers = report.chunks_from_pullers, present = report.chunks_present,

@@ -67,7 +67,7 @@ fn describe_metrics() {
                 .increment(0);
         }
     }
-    for result in ["accepted", "refused", "timeout"] {
+    for result in ["accepted", "refused", "error", "timeout"] {
         metrics::counter!("mesh_admission_total", "result" => result).increment(0);
     }
     metrics::counter!("mesh_state_writes_total").increment(0);

@@ -369,3 +369,20 @@ async fn health_and_reflection_serve_standard_clients() {
         assert!(names.iter().any(|n| n == s), "{s} not in {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_node_cleanly() {
+    let mut c = TestCluster::start(2);
+    c.wait_states(0, &[("n0", "alive"), ("n1", "alive")], CONVERGE)
+        .await;
+    assert!(
+        c.nodes[1].terminate(Duration::from_secs(15)),
+        "meshd did not exit cleanly on SIGTERM\n{}",
+        c.nodes[1].log_tail()
+    );
+    assert!(
+        std::fs::read_to_string(&c.nodes[1].log)
+            .unwrap()
+            .contains("node stopped")
+    );
+}

@@ -64,8 +64,13 @@ pub enum ServeMode {
     CorruptPieces,
 }
 
-/// Serves blob streams from `store` until the control is dropped.
-pub async fn serve(mut control: libp2p_stream::Control, store: Arc<BlobStore>, mode: ServeMode) {
+/// Serves blob streams from `store` until `shutdown` turns true.
+pub async fn serve(
+    mut control: libp2p_stream::Control,
+    store: Arc<BlobStore>,
+    mode: ServeMode,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut incoming = match control.accept(PROTOCOL) {
         Ok(i) => i,
         Err(e) => {
@@ -73,7 +78,12 @@ pub async fn serve(mut control: libp2p_stream::Control, store: Arc<BlobStore>, m
             return;
         }
     };
-    while let Some((peer, stream)) = incoming.next().await {
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            _ = shutdown.changed() => None,
+        };
+        let Some((peer, stream)) = next else { break };
         let store = store.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_stream(stream, store, mode).await {

@@ -325,50 +325,46 @@ impl Functions {
         this
     }
 
+    /// Registers the node-to-node services: `fn.invoke` (run a forwarded call here),
+    /// `fn.stats` and `fn.logs` (this node's share of a function's counters and logs).
     fn register_rpc(this: &Arc<Self>) {
-        let f = this.clone();
-        this.node.router.register(
-            "fn.invoke",
-            Arc::new(move |_peer, body| {
-                let f = f.clone();
-                Box::pin(async move {
-                    let wire: InvokeWire =
-                        postcard::from_bytes(&body).map_err(|e| format!("bad invoke call: {e}"))?;
-                    let answer = match f.invoke_local(&wire.name, wire.request).await {
-                        Ok(r) => InvokeAnswer::Ok(r),
-                        Err(e) => InvokeAnswer::Failed {
-                            status: e.http_status(),
-                            message: e.to_string(),
-                        },
-                    };
-                    Ok(postcard::to_allocvec(&answer).expect("answers serialize"))
-                })
-            }),
-        );
-        let f = this.clone();
-        this.node.router.register(
-            "fn.stats",
-            Arc::new(move |_peer, body| {
-                let f = f.clone();
-                Box::pin(async move {
-                    let name: String = postcard::from_bytes(&body).map_err(|e| e.to_string())?;
-                    let s = f.local_stats(&name);
-                    Ok(postcard::to_allocvec(&s).expect("stats serialize"))
-                })
-            }),
-        );
-        let f = this.clone();
-        this.node.router.register(
-            "fn.logs",
-            Arc::new(move |_peer, body| {
-                let f = f.clone();
-                Box::pin(async move {
-                    let name: String = postcard::from_bytes(&body).map_err(|e| e.to_string())?;
-                    let lines = f.local_logs(&name);
-                    Ok(postcard::to_allocvec(&lines).expect("logs serialize"))
-                })
-            }),
-        );
+        fn serve<Q, A, F, Fut>(this: &Arc<Functions>, service: &str, f: F)
+        where
+            Q: serde::de::DeserializeOwned + Send + 'static,
+            A: Serialize + 'static,
+            F: Fn(Arc<Functions>, Q) -> Fut + Send + Sync + 'static,
+            Fut: std::future::Future<Output = A> + Send + 'static,
+        {
+            let f = Arc::new(f);
+            let functions = this.clone();
+            this.node.router.register(
+                service,
+                Arc::new(move |_peer, body| {
+                    let (f, functions) = (f.clone(), functions.clone());
+                    Box::pin(async move {
+                        let q: Q =
+                            postcard::from_bytes(&body).map_err(|e| format!("bad call: {e}"))?;
+                        let answer = f(functions, q).await;
+                        Ok(postcard::to_allocvec(&answer).expect("answers serialize"))
+                    })
+                }),
+            );
+        }
+        serve(this, "fn.invoke", |f, wire: InvokeWire| async move {
+            match f.invoke_local(&wire.name, wire.request).await {
+                Ok(r) => InvokeAnswer::Ok(r),
+                Err(e) => InvokeAnswer::Failed {
+                    status: e.http_status(),
+                    message: e.to_string(),
+                },
+            }
+        });
+        serve(this, "fn.stats", |f, name: String| async move {
+            f.local_stats(&name)
+        });
+        serve(this, "fn.logs", |f, name: String| async move {
+            f.local_logs(&name)
+        });
     }
 
     /// The function records as workloads for the scheduler.
