@@ -19,7 +19,6 @@ use crate::blobs::transfer::{self, ServeMode};
 use crate::capacity::CapacityProbe;
 use crate::datadir::{DataDir, DataDirError};
 use crate::functions::Functions;
-use crate::functions::runtime::FunctionRuntime;
 use crate::functions::triggers::Triggers;
 use crate::membership::{FailureDetector, MembershipTable};
 use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
@@ -75,9 +74,6 @@ pub enum NodeError {
     /// The network could not start.
     #[error(transparent)]
     Network(#[from] NetworkError),
-    /// The function runtime could not start.
-    #[error("function runtime: {0}")]
-    Functions(String),
     /// The blob store could not be opened.
     #[error(transparent)]
     Blobs(#[from] StoreError),
@@ -234,11 +230,11 @@ impl Node {
 
         let control = network.blob_control();
         let registry = Arc::new(Registry::new(state.clone(), store.clone(), control.clone()));
-        let runtime = Arc::new(
-            FunctionRuntime::new(&config.data_dir.join("fn-cache"))
-                .map_err(|e| NodeError::Functions(e.to_string()))?,
+        let functions = Functions::new(
+            state.clone(),
+            registry.clone(),
+            config.data_dir.join("fn-cache"),
         );
-        let functions = Functions::new(state.clone(), registry.clone(), runtime);
         let triggers = Triggers::new(state.clone(), functions.clone());
         let scheduler = Scheduler::new(
             state.clone(),

@@ -298,7 +298,9 @@ enum InvokeAnswer {
 pub struct Functions {
     node: Arc<NodeState>,
     registry: Arc<Registry>,
-    runtime: Arc<FunctionRuntime>,
+    /// Created on first use: a node that never runs a function pays nothing for Wasmer.
+    runtime: std::sync::OnceLock<Arc<FunctionRuntime>>,
+    cache_dir: std::path::PathBuf,
     loaded: Mutex<HashMap<Hash, LoadedModule>>,
     limits: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
     stats: Mutex<HashMap<String, FunctionStats>>,
@@ -306,16 +308,17 @@ pub struct Functions {
 }
 
 impl Functions {
-    /// The subsystem over this node's runtime (artifact cache in `cache_dir`).
+    /// The subsystem; compiled artifacts are cached in `cache_dir`.
     pub fn new(
         node: Arc<NodeState>,
         registry: Arc<Registry>,
-        runtime: Arc<FunctionRuntime>,
+        cache_dir: std::path::PathBuf,
     ) -> Arc<Self> {
         let this = Arc::new(Self {
             node,
             registry,
-            runtime,
+            runtime: std::sync::OnceLock::new(),
+            cache_dir,
             loaded: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
@@ -434,7 +437,7 @@ impl Functions {
         }
         self.registry.ensure_local(module, |_| {}).await?;
         let store = self.registry.store().clone();
-        let runtime = self.runtime.clone();
+        let runtime = self.runtime()?;
         let hash = *module;
         let result = tokio::task::spawn_blocking(move || {
             let mut bytes = Vec::new();
@@ -463,6 +466,15 @@ impl Functions {
             .expect("loaded lock")
             .insert(*module, loaded.clone());
         Ok((loaded, true))
+    }
+
+    fn runtime(&self) -> Result<Arc<FunctionRuntime>, FunctionError> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r.clone());
+        }
+        let created = FunctionRuntime::new(&self.cache_dir)
+            .map_err(|e| FunctionError::State(format!("function runtime: {e}")))?;
+        Ok(self.runtime.get_or_init(|| Arc::new(created)).clone())
     }
 
     fn semaphore(&self, spec: &FunctionSpec) -> Arc<Semaphore> {
@@ -568,7 +580,7 @@ impl Functions {
         for (k, v) in &spec.env {
             request.env.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let runtime = self.runtime.clone();
+        let runtime = self.runtime()?;
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || runtime.invoke(&module, request, &limits))
             .await
