@@ -586,6 +586,7 @@ impl Functions {
             .await
             .expect("invoke task");
         let elapsed = started.elapsed();
+        metrics::gauge!("mesh_fn_runaway_calls").set(self.runtime()?.runaway_calls() as f64);
         let gb_s = spec.memory_bytes as f64 / 1e9 * elapsed.as_secs_f64();
         let failed = result.is_err();
         self.stats_mut(name, |s| {

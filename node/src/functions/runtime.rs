@@ -47,7 +47,8 @@
 //!   status 200 and `Content-Type: text/plain`, so `println!("hi")` works.
 //! * Standard error is captured (the first [`MAX_STDERR_BYTES`]) for logs and
 //!   error reports.
-//! * There is no file system (no preopened directories) and no network.
+//! * The file system is an empty, read-only `/` (the one preopened
+//!   directory): nothing can be read or created. There is no network.
 //! * Exiting with `proc_exit(0)` is a normal end; any other exit code, a trap
 //!   (e.g. a Rust panic, which aborts), running out of memory or of time is a
 //!   failed invocation ([`InvokeError`], with [`InvokeError::http_status`]).
@@ -78,10 +79,14 @@ use wasmer::sys::vm::{
     VMTableDefinition,
 };
 use wasmer::sys::{
-    BaseTunables, CompilerConfig, Cranelift, EngineBuilder, NativeEngineExt, Tunables,
+    BaseTunables, CompilerConfig, Cranelift, EngineBuilder, Features, FunctionMiddleware,
+    MiddlewareError, MiddlewareReaderState, ModuleMiddleware, NativeEngineExt, Tunables,
 };
-use wasmer::wasmparser::Operator;
-use wasmer::{CompileError, Engine, ExternType, MemoryType, Module, Pages, Store, TableType};
+use wasmer::wasmparser::{BlockType, Operator};
+use wasmer::{
+    CompileError, Engine, ExportIndex, ExternType, GlobalInit, GlobalType, LocalFunctionIndex,
+    MemoryType, Module, ModuleInfo, Mutability, Pages, Store, TableType, Type,
+};
 use wasmer_middlewares::Metering;
 use wasmer_middlewares::metering::{MeteringPoints, get_remaining_points, set_remaining_points};
 use wasmer_wasix::os::task::process::WasiProcess;
@@ -100,17 +105,19 @@ pub const MAX_STDOUT_BYTES: usize = 32 * 1024 * 1024;
 /// (writes still succeed, so logging never breaks a function).
 pub const MAX_STDERR_BYTES: usize = 64 * 1024;
 
-/// Metering points (roughly: WebAssembly instructions) granted per second of
-/// [`Limits::timeout`].
+/// Metering points granted per second of [`Limits::timeout`].
 ///
-/// Calibrated on a 2-core x86-64 development VM, where a tight loop under
-/// metering runs about 1.3e9 points per second, and a `hello` call needs
-/// about 10^5 points: so a call that runs out of points has been computing
-/// for about its whole timeout, and any normal call is thousands of times
-/// below the budget. The wall-clock deadline catches time spent outside
-/// WebAssembly code (host calls, a slow machine); the budget guarantees that
-/// the thread running a runaway function ends soon after the deadline.
-pub const POINTS_PER_SECOND: u64 = 1_500_000_000;
+/// A point is roughly one WebAssembly instruction that does work (see
+/// `metering_cost`; locals and constants are free) or 4 bytes of a bulk
+/// memory copy. Calibrated on a 2-core x86-64 development VM, where compute
+/// loops (sorting, hash maps, a bare spin loop, 1 MiB copies) ran at 5e9 to
+/// 1.3e10 points per second, and a `hello` call needs about 4,000 points.
+/// So the budget is millions of times what a normal call needs, a
+/// compute-bound call on a machine up to ~1.5 times faster than that still
+/// reaches its wall-clock deadline before its budget, and a runaway call's
+/// thread ends within a few timeouts after the deadline. The deadline itself
+/// is enforced by the wall clock (see [`FunctionRuntime::invoke`]).
+pub const POINTS_PER_SECOND: u64 = 20_000_000_000;
 
 /// Metering points available to a module's start section and `_initialize`
 /// during instantiation, before the per-call budget is set. Baked into the
@@ -810,16 +817,166 @@ fn deserialize_artifact(
 fn metering_engine() -> Engine {
     let mut compiler = Cranelift::default();
     compiler.push_middleware(Arc::new(Metering::new(INSTANTIATION_POINTS, metering_cost)));
-    EngineBuilder::new(compiler).into()
+    // Must come after `Metering`, whose globals it charges.
+    compiler.push_middleware(Arc::new(BulkMetering::default()));
+    EngineBuilder::new(compiler)
+        .set_features(Some(wasm_features()))
+        .into()
+}
+
+/// The WebAssembly features functions may use: wasmer's defaults without
+/// threads (shared memory), memory64 and multi-memory, none of which WASI
+/// preview 1 commands need (and `BulkMetering` assumes 32-bit lengths).
+fn wasm_features() -> Features {
+    let mut features = Features::new();
+    features.threads(false).memory64(false).multi_memory(false);
+    features
+}
+
+/// Bulk memory operations cost one metering point per `2^this` bytes: a
+/// large copy runs at about the points per second of ordinary code.
+const BULK_BYTES_PER_POINT_LOG2: i64 = 2;
+
+/// Charges bulk memory operations (`memory.copy`, `memory.fill`,
+/// `memory.init`) one metering point per 4 bytes, from the `Metering`
+/// middleware's points, so that a loop of huge copies cannot run far past
+/// its budget. (`Metering` charges per operator and cannot see the length.)
+#[derive(Debug, Default)]
+struct BulkMetering {
+    globals: Mutex<Option<BulkGlobals>>,
+}
+
+/// Global indexes used by [`BulkMetering`].
+#[derive(Debug, Clone, Copy)]
+struct BulkGlobals {
+    /// `Metering`'s remaining points (i64).
+    remaining: u32,
+    /// `Metering`'s "exhausted" flag (i32).
+    exhausted: u32,
+    /// Scratch: the operation's length (i32).
+    length: u32,
+    /// Scratch: the operation's cost (i64).
+    cost: u32,
+}
+
+impl ModuleMiddleware for BulkMetering {
+    fn generate_function_middleware<'a>(
+        &self,
+        _: LocalFunctionIndex,
+    ) -> Box<dyn FunctionMiddleware<'a> + 'a> {
+        let globals = self
+            .globals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .expect("wasmer calls transform_module_info before generating function middlewares");
+        Box::new(FunctionBulkMetering { globals })
+    }
+
+    fn transform_module_info(&self, info: &mut ModuleInfo) -> Result<(), MiddlewareError> {
+        let metering_global = |name: &str| match info.exports.get(name) {
+            Some(ExportIndex::Global(index)) => Ok(index.as_u32()),
+            _ => Err(MiddlewareError::new(
+                "BulkMetering",
+                format!("no `{name}` global: the Metering middleware must come first"),
+            )),
+        };
+        let remaining = metering_global("wasmer_metering_remaining_points")?;
+        let exhausted = metering_global("wasmer_metering_points_exhausted")?;
+        let length = info
+            .globals
+            .push(GlobalType::new(Type::I32, Mutability::Var));
+        info.global_initializers.push(GlobalInit::I32Const(0));
+        let cost = info
+            .globals
+            .push(GlobalType::new(Type::I64, Mutability::Var));
+        info.global_initializers.push(GlobalInit::I64Const(0));
+        *self.globals.lock().unwrap_or_else(PoisonError::into_inner) = Some(BulkGlobals {
+            remaining,
+            exhausted,
+            length: length.as_u32(),
+            cost: cost.as_u32(),
+        });
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FunctionBulkMetering {
+    globals: BulkGlobals,
+}
+
+impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
+    fn feed(
+        &mut self,
+        operator: Operator<'a>,
+        state: &mut MiddlewareReaderState<'a>,
+    ) -> Result<(), MiddlewareError> {
+        if matches!(
+            operator,
+            Operator::MemoryCopy { .. } | Operator::MemoryFill { .. } | Operator::MemoryInit { .. }
+        ) {
+            let BulkGlobals {
+                remaining,
+                exhausted,
+                length,
+                cost,
+            } = self.globals;
+            // The length (an i32, memories being 32-bit) is on top of the
+            // stack: stash it, charge it, put it back.
+            state.extend([
+                Operator::GlobalSet {
+                    global_index: length,
+                },
+                Operator::GlobalGet {
+                    global_index: length,
+                },
+                Operator::I64ExtendI32U,
+                Operator::I64Const {
+                    value: BULK_BYTES_PER_POINT_LOG2,
+                },
+                Operator::I64ShrU,
+                Operator::GlobalSet { global_index: cost },
+                // if remaining < cost { exhausted = 1; trap }
+                Operator::GlobalGet {
+                    global_index: remaining,
+                },
+                Operator::GlobalGet { global_index: cost },
+                Operator::I64LtU,
+                Operator::If {
+                    blockty: BlockType::Empty,
+                },
+                Operator::I32Const { value: 1 },
+                Operator::GlobalSet {
+                    global_index: exhausted,
+                },
+                Operator::Unreachable,
+                Operator::End,
+                // remaining -= cost
+                Operator::GlobalGet {
+                    global_index: remaining,
+                },
+                Operator::GlobalGet { global_index: cost },
+                Operator::I64Sub,
+                Operator::GlobalSet {
+                    global_index: remaining,
+                },
+                Operator::GlobalGet {
+                    global_index: length,
+                },
+            ]);
+        }
+        state.push_operator(operator);
+        Ok(())
+    }
 }
 
 /// Cost of one operator, in metering points. Version [`METERING_COST_VERSION`].
 ///
 /// Operators that compile to nothing or to register moves are free, calls
-/// cost more, and the operators whose work grows with an operand (memory
-/// and table growth, bulk copies and fills) have a fixed high cost: the
-/// metering middleware cannot see the operand, so a loop of huge bulk copies
-/// is undercharged (the wall-clock deadline still answers on time).
+/// cost more, and table operations and `memory.grow` (whose work grows with
+/// an operand the cost function cannot see, but which are bounded by the
+/// table and memory limits) have a fixed higher cost. Bulk memory operations
+/// cost 1 here plus one point per 4 bytes, charged by [`BulkMetering`].
 fn metering_cost(operator: &Operator<'_>) -> u64 {
     match operator {
         Operator::Nop
@@ -840,9 +997,6 @@ fn metering_cost(operator: &Operator<'_>) -> u64 {
         | Operator::ReturnCall { .. }
         | Operator::ReturnCallIndirect { .. } => 5,
         Operator::MemoryGrow { .. }
-        | Operator::MemoryFill { .. }
-        | Operator::MemoryCopy { .. }
-        | Operator::MemoryInit { .. }
         | Operator::TableGrow { .. }
         | Operator::TableFill { .. }
         | Operator::TableCopy { .. }
@@ -855,9 +1009,10 @@ fn metering_cost(operator: &Operator<'_>) -> u64 {
 fn engine_key(engine: &Engine) -> String {
     let target = engine.target();
     let description = format!(
-        "wasmer {WASMER_VERSION}; compiler cranelift; target {}; cpu {:?}; metering v{METERING_COST_VERSION} with {INSTANTIATION_POINTS} initial points",
+        "wasmer {WASMER_VERSION}; compiler cranelift; target {}; cpu {:?}; features {:?}; metering v{METERING_COST_VERSION} with {INSTANTIATION_POINTS} initial points",
         target.triple(),
         target.cpu_features(),
+        wasm_features(),
     );
     blake3::hash(description.as_bytes()).to_hex()[..16].to_owned()
 }
@@ -876,9 +1031,11 @@ fn check_interface(module: &Module) -> Result<(), InvokeError> {
             });
         }
     }
-    let has_start = module.exports().any(|export| {
-        export.name() == "_start"
-            && matches!(export.ty(), ExternType::Function(ty) if ty.params().is_empty() && ty.results().is_empty())
+    let has_start = module.exports().any(|export| match export.ty() {
+        ExternType::Function(ty) => {
+            export.name() == "_start" && ty.params().is_empty() && ty.results().is_empty()
+        }
+        _ => false,
     });
     if has_start {
         Ok(())
@@ -940,8 +1097,11 @@ fn cgi_environment(req: &CgiRequest) -> BTreeMap<String, String> {
     env
 }
 
+/// Status, headers and body of a parsed CGI response.
+type CgiParts = (u16, Vec<(String, String)>, Vec<u8>);
+
 /// Parses CGI output into status, headers and body (see the module docs).
-fn parse_cgi_output(output: Vec<u8>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), InvokeError> {
+fn parse_cgi_output(output: Vec<u8>) -> Result<CgiParts, InvokeError> {
     let Some((header_lines, body_start)) = split_header_section(&output) else {
         let headers = vec![("Content-Type".to_owned(), "text/plain".to_owned())];
         return Ok((200, headers, output));
@@ -976,7 +1136,6 @@ fn parse_cgi_output(output: Vec<u8>) -> Result<(u16, Vec<(String, String)>, Vec<
             .any(|(name, _)| name.eq_ignore_ascii_case("location"));
         if redirect { 302 } else { 200 }
     });
-    let headers = headers.into_iter().map(|(k, v)| (k, v)).collect();
     let mut body = output;
     body.drain(..body_start);
     Ok((status, headers, body))
@@ -1752,6 +1911,76 @@ mod tests {
     }
 
     #[test]
+    fn bulk_memory_operations_are_charged_by_length() {
+        let (_dir, runtime) = runtime();
+        let fill = |bytes: u32| {
+            wat::parse_str(format!(
+                r#"(module (memory (export "memory") 32)
+                    (func (export "_start") (memory.fill (i32.const 0) (i32.const 7) (i32.const {bytes}))))"#
+            ))
+            .unwrap()
+        };
+        let (small, _) = load(&runtime, &fill(0)).unwrap();
+        let (large, _) = load(&runtime, &fill(1 << 20)).unwrap();
+        let small = runtime
+            .invoke(&small, get(""), &limits())
+            .unwrap()
+            .fuel_used;
+        let large = runtime
+            .invoke(&large, get(""), &limits())
+            .unwrap()
+            .fuel_used;
+        assert_eq!(large - small, (1 << 20) / 4);
+    }
+
+    /// A module whose `_start` loops forever doing `body`, with `setup` run
+    /// once before; `$fd_write` and `$poll_oneoff` are imported.
+    fn host_call_loop(setup: &str, body: &str) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 256) "spam\n")
+                (func (export "_start") {setup} (loop {body} (br 0))))"#
+        ))
+        .unwrap()
+    }
+
+    fn assert_runaway_ends(runtime: &FunctionRuntime, wasm: &[u8]) {
+        let (module, _) = load(runtime, wasm).unwrap();
+        let limits = Limits::new(64 * 1024 * 1024, Duration::from_millis(300));
+        let err = runtime.invoke(&module, get(""), &limits).unwrap_err();
+        assert!(matches!(err, InvokeError::Timeout { .. }), "{err:?}");
+        let started = Instant::now();
+        while runtime.runaway_calls() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the call thread is still running"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_call_stuck_in_system_calls_is_killed_at_the_deadline() {
+        let (_dir, runtime) = runtime();
+        // Writes to stderr forever (past the capture limit, writes are
+        // dropped but succeed), cheap in points but slow in time.
+        let log = host_call_loop(
+            "(i32.store (i32.const 0) (i32.const 256)) (i32.store (i32.const 4) (i32.const 5))",
+            "(drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))",
+        );
+        assert_runaway_ends(&runtime, &log);
+        // Sleeps 10 s at a time (a monotonic clock subscription), forever.
+        let sleep = host_call_loop(
+            "(i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 10000000000))",
+            "(drop (call $poll_oneoff (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))",
+        );
+        assert_runaway_ends(&runtime, &sleep);
+    }
+
+    #[test]
     fn grow_hits_the_memory_limit() {
         let (_dir, runtime) = runtime();
         let (module, _) = load(&runtime, &example("grow")).unwrap();
@@ -1840,6 +2069,32 @@ mod tests {
     }
 
     #[test]
+    fn functions_cannot_create_files() {
+        let (_dir, runtime) = runtime();
+        // Exits with the errno of `path_open(3, "x", O_CREAT)`, fd 3 being
+        // the (empty) preopened `/`.
+        let wasm = wat::parse_str(
+            r#"(module
+                (import "wasi_snapshot_preview1" "path_open" (func $path_open
+                    (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 16) "x")
+                (func (export "_start")
+                    (call $proc_exit (call $path_open (i32.const 3) (i32.const 0)
+                        (i32.const 16) (i32.const 1) (i32.const 1) (i64.const -1) (i64.const -1)
+                        (i32.const 0) (i32.const 32)))))"#,
+        )
+        .unwrap();
+        let (module, _) = load(&runtime, &wasm).unwrap();
+        let err = runtime.invoke(&module, get(""), &limits()).unwrap_err();
+        let InvokeError::Trap { message, .. } = &err else {
+            panic!("expected a non-zero exit, got {err:?}");
+        };
+        assert!(message.starts_with("exit code "), "{message}");
+    }
+
+    #[test]
     fn invalid_modules_are_refused_at_load_time() {
         let (_dir, runtime) = runtime();
 
@@ -1859,10 +2114,10 @@ mod tests {
         )
         .unwrap();
         let err = load(&runtime, &foreign).unwrap_err();
-        assert!(
-            matches!(&err, InvokeError::UnknownImport { module, name } if module == "env" && name == "foo"),
-            "{err:?}"
-        );
+        let InvokeError::UnknownImport { module, name } = &err else {
+            panic!("expected UnknownImport, got {err:?}");
+        };
+        assert_eq!((module.as_str(), name.as_str()), ("env", "foo"));
         assert!(err.to_string().contains("`env.foo`"), "{err}");
 
         let wasix = wat::parse_str(
@@ -2139,6 +2394,18 @@ mod tests {
             "hello call, mean of {calls}: {:?} ({fuel} points)",
             started.elapsed() / calls
         );
+        let rss_kib = || {
+            let statm = fs::read_to_string("/proc/self/statm").unwrap();
+            statm.split(' ').nth(1).unwrap().parse::<u64>().unwrap() * 4
+        };
+        let before = rss_kib();
+        for _ in 0..5000 {
+            runtime.invoke(&module, get("name=ann"), &limits).unwrap();
+        }
+        println!(
+            "RSS before/after 5000 more calls: {before} KiB / {} KiB",
+            rss_kib()
+        );
 
         let (spin, _) = load(&runtime, &example("spin")).unwrap();
         let budget = 3_000_000_000;
@@ -2163,57 +2430,6 @@ mod tests {
             "spin: {budget} points in {elapsed:?} = {:.2e} points/s",
             budget as f64 / elapsed.as_secs_f64()
         );
-    }
-
-    #[test]
-    #[ignore]
-    fn calibrate_tmp() {
-        let (_dir, runtime) = runtime();
-        let wasm = fs::read("/tmp/wasm-bench/target/wasm32-wasip1/release/compute.wasm").unwrap();
-        let (module, _) = load(&runtime, &wasm).unwrap();
-        for (mode, budget) in [
-            ("sort", 3_000_000_000u64),
-            ("map", 1_000_000_000),
-            ("copy", 1_000_000_000),
-        ] {
-            let call = Call {
-                engine: runtime.engine.clone(),
-                module: module.module.clone(),
-                wasi_runtime: runtime.wasi_runtime.clone(),
-                args: Vec::new(),
-                env: BTreeMap::from([("QUERY_STRING".to_owned(), mode.to_owned())]),
-                stdin: Body::new(Vec::new()),
-                stdout: Capture::new(1024, true),
-                stderr: Capture::new(1024, false),
-                max_pages: Limits::default().max_pages(),
-                memory_hit: Arc::new(AtomicBool::new(false)),
-                budget,
-                kill: Arc::default(),
-            };
-            let started = Instant::now();
-            let r = call.run();
-            let elapsed = started.elapsed();
-            println!(
-                "{mode}: {r:?} {budget} points in {elapsed:?} = {:.2e} points/s",
-                budget as f64 / elapsed.as_secs_f64()
-            );
-        }
-        for mode in ["sleep", "log", "sort"] {
-            let limits = Limits::new(64 << 20, Duration::from_millis(300));
-            let started = Instant::now();
-            let err = runtime.invoke(&module, get(mode), &limits).unwrap_err();
-            println!(
-                "{mode}: {err} after {:?}; runaway {}",
-                started.elapsed(),
-                runtime.runaway_calls()
-            );
-            let mut waited = Duration::ZERO;
-            while runtime.runaway_calls() > 0 && waited < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(10));
-                waited += Duration::from_millis(10);
-            }
-            println!("{mode}: runaway ended {:?} after the timeout", waited);
-        }
     }
 
     #[test]
