@@ -1,7 +1,8 @@
 //! Triggers other than a direct call: cron schedules, asynchronous invocations with retries
 //! (like Lambda's), and internal events (the batch queue's "job finished").
 //!
-//! **Schedules** (`sched/<function>`): once per tick in the whole mesh, not once per node. The
+//! **Schedules** (`sched/<function>`): once per tick in the whole mesh, not once per node; the
+//! call's body is `{"tick_ms":T,"function":NAME}`. The
 //! schedule's coordinator (rendezvous hash over the live nodes) claims the tick by writing
 //! `schedrun/<function>` = (tick, itself), waits for the claim to spread, reads it back and runs
 //! the function only if its own claim is still the one every replica keeps (last writer wins,
@@ -232,10 +233,16 @@ impl Triggers {
                     tracing::info!(function = %s.function, tick_ms, "another node claimed this tick");
                     return;
                 }
+                // The body names the tick, like a scheduled event's payload.
                 let request = CgiRequest {
                     method: "POST".into(),
                     path: "/".into(),
-                    headers: vec![("x-mesh-trigger".into(), "schedule".into())],
+                    headers: vec![
+                        ("x-mesh-trigger".into(), "schedule".into()),
+                        ("content-type".into(), "application/json".into()),
+                    ],
+                    body: format!("{{\"tick_ms\":{tick_ms},\"function\":\"{}\"}}", s.function)
+                        .into_bytes(),
                     ..Default::default()
                 };
                 match functions.invoke(&s.function, request).await {
