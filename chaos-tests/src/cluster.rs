@@ -95,6 +95,9 @@ pub struct ClusterOptions {
     pub rust_log: Option<String>,
     /// Extra arguments for every `meshd`.
     pub extra_args: Vec<String>,
+    /// Extra arguments for one node only (by host index), after `extra_args`;
+    /// e.g. `{3: ["--test-lie", "corrupt-pieces"]}`. Kept across restarts.
+    pub node_args: BTreeMap<usize, Vec<String>>,
     /// `--cpu` for every node.
     pub cpu: Option<u32>,
     /// `--memory` for every node.
@@ -112,6 +115,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             rust_log: None,
             extra_args: Vec::new(),
+            node_args: BTreeMap::new(),
             cpu: None,
             memory: None,
             labels: Vec::new(),
@@ -393,6 +397,17 @@ impl Cluster {
         self.slots.lock().unwrap()[i].log.clone()
     }
 
+    /// This run's temp dir (logs, data dirs, secrets; kept after a failure):
+    /// scenarios put their own files (image tars, downloads) here too.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir().to_path_buf()
+    }
+
+    /// Node `i`'s data directory (`--data-dir`; kept across restarts).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.slots.lock().unwrap()[i].data_dir.clone()
+    }
+
     /// Node `i`'s whole log so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
@@ -446,6 +461,9 @@ impl Cluster {
             a.push(format!("{k}={v}"));
         }
         a.extend(self.opts.extra_args.iter().cloned());
+        if let Some(extra) = self.opts.node_args.get(&i) {
+            a.extend(extra.iter().cloned());
+        }
         a
     }
 

@@ -31,6 +31,19 @@ pub enum OpKind {
         /// The key deleted.
         key: String,
     },
+    /// `image push TAR --tag reference` to the node; `content` is the blake3
+    /// (hex) of the layer bytes in the tar.
+    ImagePush {
+        /// `NAME:TAG`.
+        reference: String,
+        /// blake3 hex of the layer bytes pushed.
+        content: String,
+    },
+    /// `image pull reference` on the node (make it complete there).
+    ImagePull {
+        /// `NAME:TAG`.
+        reference: String,
+    },
     /// Anything else, described in words (e.g. "propagate k to all").
     Other(String),
 }
@@ -41,6 +54,12 @@ impl std::fmt::Display for OpKind {
             OpKind::Write { key, value } => write!(f, "write {key} = {value:?}"),
             OpKind::Read { key } => write!(f, "read {key}"),
             OpKind::Delete { key } => write!(f, "delete {key}"),
+            OpKind::ImagePush { reference, content } => write!(
+                f,
+                "image push {reference} (layer blake3 {}..)",
+                &content[..content.len().min(12)]
+            ),
+            OpKind::ImagePull { reference } => write!(f, "image pull {reference}"),
             OpKind::Other(s) => f.write_str(s),
         }
     }
@@ -351,6 +370,101 @@ impl History {
         problems
     }
 
+    /// Events that happened while `op` was in flight (strictly after its
+    /// start, before its end).
+    pub fn events_during(&self, op: &OpRecord) -> Vec<Event> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.at > op.start && e.at < op.end)
+            .collect()
+    }
+
+    /// Checks what nodes hold of image `reference` against the image pushes
+    /// and pulls in the history; see [`History::image_problems`].
+    ///
+    /// `found` maps each node checked to the blake3 (hex) of the layer bytes
+    /// read back from it (`None`: it could not give them). Nodes not in
+    /// `found` (killed ones, say) are not checked.
+    pub fn check_images_intact(
+        &self,
+        reference: &str,
+        found: &BTreeMap<usize, Option<String>>,
+    ) -> anyhow::Result<()> {
+        let problems = self.image_problems(reference, found);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(self.fail(format!(
+                "image {reference}: {} problem(s):\n  {}",
+                problems.len(),
+                problems.join("\n  ")
+            )))
+        }
+    }
+
+    /// The problems [`History::check_images_intact`] would report (empty when fine):
+    /// * LOST: a node checked whose push or pull of `reference` was
+    ///   acknowledged cannot give the layer;
+    /// * CORRUPT: a node gives layer bytes that no push (acknowledged or of
+    ///   unknown outcome) wrote;
+    /// * PHANTOM: a pull was acknowledged although no push had been
+    ///   acknowledged or was in flight before the pull ended.
+    pub fn image_problems(
+        &self,
+        reference: &str,
+        found: &BTreeMap<usize, Option<String>>,
+    ) -> Vec<String> {
+        let ops: Vec<OpRecord> = self
+            .ops()
+            .into_iter()
+            .filter(|o| match &o.kind {
+                OpKind::ImagePush { reference: r, .. } | OpKind::ImagePull { reference: r } => {
+                    r == reference
+                }
+                _ => false,
+            })
+            .collect();
+        let pushes: Vec<&OpRecord> = ops
+            .iter()
+            .filter(|o| matches!(o.kind, OpKind::ImagePush { .. }))
+            .filter(|o| !matches!(o.outcome, Outcome::Fail(_)))
+            .collect();
+        let possible: BTreeSet<&str> = pushes
+            .iter()
+            .filter_map(|o| match &o.kind {
+                OpKind::ImagePush { content, .. } => Some(content.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for o in ops.iter().filter(|o| o.outcome.is_ok()) {
+            if matches!(o.kind, OpKind::ImagePull { .. }) && !pushes.iter().any(|p| p.start < o.end)
+            {
+                problems.push(format!(
+                    "PHANTOM: pull #{} on n{} acknowledged but no push started before it ended",
+                    o.id, o.node
+                ));
+            }
+            if let Some(None) = found.get(&o.node) {
+                problems.push(format!(
+                    "LOST: n{} acknowledged #{} ({}) but cannot give the layer",
+                    o.node, o.id, o.kind
+                ));
+            }
+        }
+        for (node, v) in found {
+            if let Some(v) = v
+                && !possible.contains(v.as_str())
+            {
+                problems.push(format!(
+                    "CORRUPT: n{node} gives layer bytes with blake3 {v}, which no push wrote \
+                     (pushed: {possible:?})"
+                ));
+            }
+        }
+        problems
+    }
+
     /// A short count of operations by outcome, for the end of a scenario.
     pub fn summary(&self) -> String {
         let ops = self.ops();
@@ -422,6 +536,73 @@ mod tests {
         // An unknown-outcome write may or may not be there.
         state.insert("p/d".to_string(), "z".to_string());
         assert!(h.durability_problems("p/", &state).is_empty());
+    }
+
+    #[test]
+    fn image_check_finds_lost_corrupt_and_phantom() {
+        let h = History::new();
+        let pull = |node: usize, outcome: Outcome| {
+            let s = Instant::now();
+            std::thread::sleep(Duration::from_millis(2));
+            h.record(
+                node,
+                OpKind::ImagePull {
+                    reference: "a:1".into(),
+                },
+                s,
+                Instant::now(),
+                outcome,
+            )
+        };
+        let early = pull(3, Outcome::Ok(None));
+        h.record(
+            0,
+            OpKind::ImagePush {
+                reference: "a:1".into(),
+                content: "good".into(),
+            },
+            Instant::now(),
+            Instant::now(),
+            Outcome::Ok(None),
+        );
+        pull(1, Outcome::Ok(None));
+        pull(2, Outcome::Fail("exit 1".into()));
+        let mut found = BTreeMap::new();
+        found.insert(1, Some("good".to_string()));
+        found.insert(2, None);
+        let p = h.image_problems("a:1", &found);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("PHANTOM") && p[0].contains(&format!("#{}", early.id)));
+        found.insert(3, Some("good".to_string()));
+        found.insert(1, None);
+        let p = h.image_problems("a:1", &found);
+        assert!(p.iter().any(|x| x.starts_with("LOST: n1")), "{p:?}");
+        found.insert(1, Some("bad".to_string()));
+        let p = h.image_problems("a:1", &found);
+        assert!(p.iter().any(|x| x.starts_with("CORRUPT: n1")), "{p:?}");
+        // Other images are not looked at.
+        assert!(h.image_problems("b:1", &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn events_during_an_op() {
+        let h = History::new();
+        let s = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        h.event("inside");
+        std::thread::sleep(Duration::from_millis(2));
+        let op = h.record(
+            0,
+            OpKind::Other("x".into()),
+            s,
+            Instant::now(),
+            Outcome::Ok(None),
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        h.event("after");
+        let e = h.events_during(&op);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].what, "inside");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Real `meshd` processes run in their own network namespaces joined by a
 //! bridge ([`netns`]); a nemesis kills, pauses, partitions and drops packets
 //! ([`cluster`], [`firewall`]); clients drive them through `meshctl` and every
-//! operation and fault is recorded in a [`history`] that the checkers read.
+//! operation and fault is recorded in a [`history`] that the checkers read;
+//! [`images`] drives and inspects the registry (image push/pull, `/metrics`,
+//! the chunks a node stored).
 //! Scenario lengths scale with `CHAOS_SCALE` ([`timing`]).
 //!
 //! The scenarios themselves are the integration tests in `tests/`; see the
@@ -13,11 +15,13 @@ pub mod cluster;
 pub mod exec;
 pub mod firewall;
 pub mod history;
+pub mod images;
 pub mod netns;
 pub mod timing;
 
 pub use cluster::{Cluster, ClusterOptions, NodeView, StateEntry};
 pub use firewall::Faults;
 pub use history::{History, OpKind, Outcome};
+pub use images::{HolderView, ImageBlobView, ImageView, blake3_file};
 pub use netns::{Netns, skip_unless_capable};
 pub use timing::{deadline, full, scale, scaled, scenario_length, secs};

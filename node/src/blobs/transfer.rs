@@ -183,7 +183,26 @@ async fn write_frame(stream: &mut libp2p::Stream, status: u8, body: &[u8]) -> st
     stream.write_all(body).await
 }
 
+/// How long one answer may take to arrive. A holder that stays a member but stops answering
+/// loses its pieces to the others after this; a holder that dies loses them when it is
+/// declared dead and its connections are closed, which is sooner.
+const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Option<Vec<u8>>> {
+    tokio::time::timeout(FRAME_TIMEOUT, read_frame_inner(stream, max))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 30 s",
+            ))
+        })
+}
+
+async fn read_frame_inner(
+    stream: &mut libp2p::Stream,
+    max: u32,
+) -> std::io::Result<Option<Vec<u8>>> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await?;
     let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
@@ -464,6 +483,8 @@ pub async fn fetch(
                 WorkerEnd::Liar(peer, n) => {
                     report.chunks_from_holders += n;
                     if !report.liars.contains(&peer) {
+                        metrics::counter!("mesh_blob_liars_total").increment(1);
+                        tracing::warn!(%peer, %blob, "dropped a holder that served corrupt pieces");
                         reasons.push(format!("{peer} served a corrupt piece"));
                         report.liars.push(peer);
                     }
@@ -524,10 +545,6 @@ pub async fn fetch(
         .expect("commit task")?;
     store.remove_partial_list(&blob);
     drop(pins);
-    for peer in &report.liars {
-        metrics::counter!("mesh_blob_liars_total").increment(1);
-        tracing::warn!(%peer, %blob, "dropped a holder that served corrupt pieces");
-    }
     Ok((info, report))
 }
 
