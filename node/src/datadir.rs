@@ -248,9 +248,30 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Writes entries in one durable transaction.
+    /// Writes entries in one durable transaction (on disk when this returns).
     pub fn write(&self, entries: &[Entry]) -> Result<(), DataDirError> {
-        let tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        self.write_with(entries, true)
+    }
+
+    /// Writes entries without waiting for the disk: they become durable with the next
+    /// durable write or [`StateDb::flush`]. For entries learned from peers, which a crash can
+    /// only lose on this node (the peers still have them, and anti-entropy brings them back):
+    /// the network task must not wait on fsync.
+    pub fn write_lazy(&self, entries: &[Entry]) -> Result<(), DataDirError> {
+        self.write_with(entries, false)
+    }
+
+    /// Makes every earlier lazy write durable.
+    pub fn flush(&self) -> Result<(), DataDirError> {
+        self.write_with(&[], true)
+    }
+
+    fn write_with(&self, entries: &[Entry], durable: bool) -> Result<(), DataDirError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        if !durable {
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| self.db_err(e))?;
+        }
         {
             let mut table = tx.open_table(ENTRIES).map_err(|e| self.db_err(e))?;
             for e in entries {

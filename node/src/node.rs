@@ -163,6 +163,7 @@ impl NodeState {
 /// A started node; dropping it does not stop it, call [`Node::shutdown`].
 pub struct Node {
     state: Arc<NodeState>,
+    triggers: Arc<Triggers>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     grpc_addr: SocketAddr,
@@ -236,6 +237,7 @@ impl Node {
             config.data_dir.join("fn-cache"),
         );
         let triggers = Triggers::new(state.clone(), functions.clone());
+        let triggers_handle = triggers.clone();
         let scheduler = Scheduler::new(
             state.clone(),
             vec![Functions::workload_source(registry.clone())],
@@ -288,11 +290,19 @@ impl Node {
         tracing::info!(grpc = %grpc_addr, http = %http_addr, p2p = %config.p2p, "node started");
         Ok(Self {
             state,
+            triggers: triggers_handle,
             shutdown,
             tasks,
             grpc_addr,
             http_addr,
         })
+    }
+
+    /// Internal event hook: queues an async call of every function deployed with `--on
+    /// EVENT` (e.g. the batch queue's `job.finished`), with `payload` as the body. Returns the
+    /// ids of the queued calls.
+    pub fn emit_event(&self, event: &str, payload: &[u8]) -> Vec<String> {
+        self.triggers.emit(event, payload)
     }
 
     /// The shared state, for embedding and tests.

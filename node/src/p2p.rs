@@ -469,6 +469,13 @@ impl MeshNetwork {
         };
         self.report(&transitions);
         self.publish(self.hb_topic.clone(), bytes);
+        if self.seq.is_multiple_of(4) {
+            // Entries from peers are written lazily; make them durable every two seconds.
+            let flushed = self.node.replica.lock().expect("replica lock").flush();
+            if let Err(e) = flushed {
+                tracing::error!(error = %e, "cannot make synced state durable");
+            }
+        }
         if self.lie == Some(LieMode::Gossip) {
             self.tell_lies();
         }

@@ -1,9 +1,11 @@
 //! This node's replica of the desired state: the in-memory [`StateMap`], kept on disk in the
 //! [`StateDb`], stamped by this node's hybrid logical clock.
 //!
-//! Every change, local or from a peer, is written to disk in the same call that applies it in
-//! memory, so what a client was told is written survives a crash, and a whole-cluster restart
-//! loses nothing.
+//! A local write is durable (fsynced) before the client is answered, so what a client was told
+//! is written survives a crash and a whole-cluster restart loses nothing. Entries learned from
+//! peers are written at once but made durable lazily (within a couple of seconds, or with the
+//! next local write): a crash can only lose them on this node, the peers still have them, and
+//! anti-entropy brings them back; the network task never waits on fsync for them.
 
 use std::time::Duration;
 
@@ -42,6 +44,8 @@ pub struct Merged {
 pub struct Replica {
     map: StateMap,
     db: StateDb,
+    /// Entries from peers were written lazily since the last durable commit.
+    dirty: bool,
     hlc: HLC,
     origin: String,
 }
@@ -63,6 +67,7 @@ impl Replica {
         }
         Ok(Self {
             map: StateMap::from_entries(entries),
+            dirty: false,
             db,
             hlc,
             origin,
@@ -79,6 +84,7 @@ impl Replica {
         };
         validate_entry(&entry)?;
         self.db.write(std::slice::from_ref(&entry))?;
+        self.dirty = false; // a durable commit also persists earlier lazy ones
         self.map.merge(entry.clone());
         Ok(entry)
     }
@@ -101,7 +107,8 @@ impl Replica {
                 merged.applied.push(e);
             }
         }
-        self.db.write(&merged.applied)?;
+        self.db.write_lazy(&merged.applied)?;
+        self.dirty |= !merged.applied.is_empty();
         for e in &merged.applied {
             self.map.merge(e.clone());
         }
@@ -142,13 +149,23 @@ impl Replica {
         // Merge into a copy first so that memory only changes once the disk has the entries.
         let mut scratch = self.map.clone();
         let (applied, to_push) = scratch.reconcile(covered, valid);
-        self.db.write(&applied)?;
+        self.db.write_lazy(&applied)?;
+        self.dirty |= !applied.is_empty();
         self.map = scratch;
         Ok(Merged {
             applied,
             to_push,
             invalid,
         })
+    }
+
+    /// Makes entries learned from peers durable, if any were written lazily.
+    pub fn flush(&mut self) -> Result<(), ReplicaError> {
+        if self.dirty {
+            self.db.flush()?;
+            self.dirty = false;
+        }
+        Ok(())
     }
 
     /// The in-memory map, for reads.

@@ -1866,7 +1866,12 @@ mod tests {
             Some("application/octet-stream")
         );
         assert_eq!(resp.body, body);
-        assert_eq!(text(&resp.stderr), "echo: 100000 bytes\n");
+        let stderr = text(&resp.stderr);
+        assert!(stderr.starts_with("echo: 100000 bytes: "), "{stderr}");
+        assert!(
+            stderr.ends_with('\n') && stderr.lines().count() == 1,
+            "{stderr}"
+        );
     }
 
     #[test]
@@ -1931,53 +1936,6 @@ mod tests {
             .unwrap()
             .fuel_used;
         assert_eq!(large - small, (1 << 20) / 4);
-    }
-
-    /// A module whose `_start` loops forever doing `body`, with `setup` run
-    /// once before; `$fd_write` and `$poll_oneoff` are imported.
-    fn host_call_loop(setup: &str, body: &str) -> Vec<u8> {
-        wat::parse_str(format!(
-            r#"(module
-                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-                (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
-                (memory (export "memory") 1)
-                (data (i32.const 256) "spam\n")
-                (func (export "_start") {setup} (loop {body} (br 0))))"#
-        ))
-        .unwrap()
-    }
-
-    fn assert_runaway_ends(runtime: &FunctionRuntime, wasm: &[u8]) {
-        let (module, _) = load(runtime, wasm).unwrap();
-        let limits = Limits::new(64 * 1024 * 1024, Duration::from_millis(300));
-        let err = runtime.invoke(&module, get(""), &limits).unwrap_err();
-        assert!(matches!(err, InvokeError::Timeout { .. }), "{err:?}");
-        let started = Instant::now();
-        while runtime.runaway_calls() > 0 {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "the call thread is still running"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[test]
-    fn a_call_stuck_in_system_calls_is_killed_at_the_deadline() {
-        let (_dir, runtime) = runtime();
-        // Writes to stderr forever (past the capture limit, writes are
-        // dropped but succeed), cheap in points but slow in time.
-        let log = host_call_loop(
-            "(i32.store (i32.const 0) (i32.const 256)) (i32.store (i32.const 4) (i32.const 5))",
-            "(drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))",
-        );
-        assert_runaway_ends(&runtime, &log);
-        // Sleeps 10 s at a time (a monotonic clock subscription), forever.
-        let sleep = host_call_loop(
-            "(i32.store (i32.const 16) (i32.const 1)) (i64.store (i32.const 24) (i64.const 10000000000))",
-            "(drop (call $poll_oneoff (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))",
-        );
-        assert_runaway_ends(&runtime, &sleep);
     }
 
     #[test]
