@@ -504,7 +504,7 @@ impl MeshNetwork {
     /// Gossipsub exchanges topic subscriptions only on a peer's first connection. When a peer
     /// restarts before its old connection times out, one side never learns the other's
     /// subscriptions and gossip stops flowing one way. A connected peer that has not shown
-    /// our heartbeat topic for a few seconds is disconnected, so that both sides reconnect
+    /// our heartbeat topic for ten seconds is disconnected, so that both sides reconnect
     /// and exchange subscriptions afresh.
     fn heal_silent_connections(&mut self) {
         let now = Instant::now();
@@ -525,7 +525,9 @@ impl MeshNetwork {
                 continue;
             }
             let since = *self.unsubscribed_since.entry(peer).or_insert(now);
-            if now.duration_since(since) > Duration::from_secs(3) {
+            // Generous: under load, subscriptions can take a few seconds, and a reset costs
+            // every stream on the connection (blob transfers included).
+            if now.duration_since(since) > Duration::from_secs(10) {
                 tracing::info!(%peer, "peer connected but not subscribed; reconnecting");
                 metrics::counter!("mesh_connection_resets_total").increment(1);
                 self.unsubscribed_since.remove(&peer);

@@ -441,6 +441,7 @@ pub async fn fetch(
     let mut reasons = Vec::new();
     let mut discover = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut retry_at: HashMap<PeerId, std::time::Instant> = HashMap::new();
+    let mut holder_failures: HashMap<PeerId, u32> = HashMap::new();
     loop {
         // (Re)discover sources: new holders or pullers get workers; fellow pullers that
         // went away may be retried.
@@ -468,7 +469,22 @@ pub async fn fetch(
             }
         }
         if workers.is_empty() {
-            break; // done, or nobody left to ask
+            // Nobody working: wait for a holder that is due for another try, else stop.
+            let now = std::time::Instant::now();
+            let next_holder_try = holder_failures
+                .iter()
+                .filter(|(_, n)| **n < 3)
+                .filter_map(|(p, _)| retry_at.get(p))
+                .filter(|t| **t > now)
+                .min()
+                .copied();
+            match next_holder_try {
+                Some(t) if !pull.done.load(Ordering::SeqCst) => {
+                    tokio::time::sleep_until(t.into()).await;
+                    continue;
+                }
+                _ => break, // done, or nobody left to ask
+            }
         }
         tokio::select! {
             _ = discover.tick() => {}
@@ -492,7 +508,17 @@ pub async fn fetch(
                 WorkerEnd::Failed(src, n, why) => {
                     if src.complete {
                         report.chunks_from_holders += n;
-                        if !report.failed.contains(&src.peer) {
+                        // A holder whose connection broke (a reconnect, a timeout) is asked
+                        // again after a pause; after three failures it is given up on.
+                        let count = holder_failures.entry(src.peer).or_insert(0u32);
+                        *count += 1;
+                        if *count < 3 {
+                            started.remove(&src.peer);
+                            retry_at.insert(
+                                src.peer,
+                                std::time::Instant::now() + std::time::Duration::from_secs(2),
+                            );
+                        } else if !report.failed.contains(&src.peer) {
                             reasons.push(format!("{}: {why}", src.peer));
                             report.failed.push(src.peer);
                         }
@@ -580,9 +606,11 @@ async fn worker(
 ) -> WorkerEnd {
     let peer = src.peer;
     let mut fetched = 0usize;
-    let mut stream = match control.open_stream(peer, PROTOCOL).await {
-        Ok(s) => s,
-        Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
+    let opened = tokio::time::timeout(FRAME_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
+    let mut stream = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return WorkerEnd::Failed(src, 0, e.to_string()),
+        Err(_) => return WorkerEnd::Failed(src, 0, "opening a stream timed out".into()),
     };
     let blob_list_len = pull.list.chunks.len();
     let mut idle_rounds = 0u32;
@@ -601,7 +629,15 @@ async fn worker(
                 send_request(&mut stream, &BlobRequest::Have(blob)).await?;
                 read_frame(&mut stream, blob_list_len.div_ceil(8) as u32 + 8).await
             };
-            match have.await {
+            let have = tokio::time::timeout(FRAME_TIMEOUT, have)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer",
+                    ))
+                });
+            match have {
                 Ok(Some(bits)) => {
                     pull.peer_has.lock().expect("have lock").insert(peer, bits);
                 }
@@ -632,7 +668,20 @@ async fn worker(
         }
         idle_rounds = 0;
         let hashes: Vec<Hash> = batch.iter().map(|i| pull.list.chunks[*i]).collect();
-        if let Err(e) = send_request(&mut stream, &BlobRequest::Chunks(hashes.clone())).await {
+        // Sending can stall on a connection that died without a reset; the chunks taken must
+        // not be held forever, or the other workers would wait for them in vain.
+        let sent = tokio::time::timeout(
+            FRAME_TIMEOUT,
+            send_request(&mut stream, &BlobRequest::Chunks(hashes.clone())),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "sending timed out",
+            ))
+        });
+        if let Err(e) = sent {
             pull.give_back(&batch);
             return WorkerEnd::Failed(src, fetched, e.to_string());
         }
