@@ -17,9 +17,9 @@
 //! writes or relies on until it is done; garbage collection never removes a pinned hash, so
 //! it is safe to run at any moment, with any grace period.
 //!
-//! **Atomicity.** Every file is written to `tmp/`, fsynced and renamed into place, and a
-//! blob's list is written only after all its chunks are durable and the whole blob has been
-//! re-hashed. A kill -9 at any point leaves either a complete blob or stray chunks that
+//! **Atomicity.** Every file is written to `tmp/` and renamed into place; a blob's list is
+//! written (fsynced) only after a `syncfs` has made all its chunks durable and the whole blob
+//! has been re-hashed. A kill -9 at any point leaves either a complete blob or stray chunks that
 //! garbage collection removes; never a blob that reads wrong.
 
 use std::collections::{HashMap, HashSet};
@@ -254,6 +254,23 @@ impl BlobStore {
 
     /// Writes `bytes` to `dest` atomically: temp file, fsync, rename.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_file(dest, bytes, true)
+    }
+
+    /// Flushes everything written to the store's file system to disk (one `syncfs` instead
+    /// of an fsync per chunk).
+    fn sync_all(&self) -> Result<(), StoreError> {
+        let dir = File::open(&self.root).map_err(io_err(&self.root))?;
+        rustix::fs::syncfs(&dir).map_err(|e| StoreError::Io {
+            path: self.root.clone(),
+            source: e.into(),
+        })
+    }
+
+    /// Temp file, optional fsync, rename. Chunks are written without their own fsync: the
+    /// list that makes a blob complete is written only after a `syncfs`, and a chunk that a
+    /// power loss left wrong is detected by its hash wherever it is used.
+    fn write_file(&self, dest: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -262,7 +279,9 @@ impl BlobStore {
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(bytes)?;
-            f.sync_all()?;
+            if durable {
+                f.sync_all()?;
+            }
             if let Some(dir) = dest.parent() {
                 fs::create_dir_all(dir)?;
             }
@@ -290,11 +309,17 @@ impl BlobStore {
             });
         }
         let path = self.chunk_path(expected);
-        if path.exists() {
+        if self.chunk_ok(expected) {
             touch(&path); // a fresh reference: keep it out of the GC grace window
             return Ok(());
         }
-        self.write_atomic(&path, bytes)
+        self.write_file(&path, bytes, false)
+    }
+
+    /// True when the chunk is stored and its bytes hash to its name (a chunk a power loss
+    /// cut short is not).
+    pub fn chunk_ok(&self, h: &Hash) -> bool {
+        fs::read(self.chunk_path(h)).is_ok_and(|b| Hash::of(&b) == *h)
     }
 
     /// Reads a chunk.
@@ -378,6 +403,7 @@ impl BlobStore {
                 found,
             });
         }
+        self.sync_all()?;
         self.write_atomic(&self.list_path(expected), &list.encode())?;
         Ok(BlobInfo {
             hash: *expected,
@@ -613,6 +639,7 @@ impl<'a> BlobWriter<'a> {
         self.pins.add(hash);
         let path = self.store.list_path(&hash);
         if !path.exists() {
+            self.store.sync_all()?;
             self.store.write_atomic(&path, &list.encode())?;
         } else {
             touch(&path);

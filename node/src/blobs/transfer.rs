@@ -415,7 +415,7 @@ pub async fn fetch(
         if !seen.insert(*h) {
             continue;
         }
-        if store.has_chunk(h) {
+        if store.chunk_ok(h) {
             report.chunks_present += 1;
             progress(list.chunk_len(i) as u64);
         } else {
