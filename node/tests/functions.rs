@@ -54,6 +54,18 @@ fn invoke_req(name: &str, query: &str) -> InvokeRequest {
     }
 }
 
+/// Waits until `node` lists `n` functions.
+async fn wait_known(node: &common::TestNode, n: usize) {
+    wait_until(CONVERGE, "the function is known everywhere", || async {
+        let Ok(mut cl) = MeshClient::connect(&node.endpoint()).await else {
+            return false;
+        };
+        cl.functions().await.is_ok_and(|f| f.len() == n)
+    })
+    .await
+    .unwrap();
+}
+
 async fn all_alive(c: &TestCluster) {
     let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
     let expect: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "alive")).collect();
@@ -72,14 +84,7 @@ async fn hello_answers_through_http_and_grpc_on_every_node() {
         .await
         .unwrap();
     for node in &c.nodes {
-        wait_until(CONVERGE, "the function is known everywhere", || async {
-            let Ok(mut cl) = MeshClient::connect(&node.endpoint()).await else {
-                return false;
-            };
-            cl.functions().await.is_ok_and(|f| f.len() == 1)
-        })
-        .await
-        .unwrap();
+        wait_known(node, 1).await;
         let (status, body) = http_call(node.http, "GET", "/fn/hello?name=ann", b"").await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         assert!(
@@ -262,14 +267,7 @@ async fn a_schedule_runs_once_per_tick_in_the_mesh_and_async_calls_retry() {
         .await
         .unwrap();
     for node in &c.nodes {
-        wait_until(CONVERGE, "the function is known everywhere", || async {
-            let Ok(mut cl) = MeshClient::connect(&node.endpoint()).await else {
-                return false;
-            };
-            cl.functions().await.is_ok_and(|f| f.len() == 1)
-        })
-        .await
-        .unwrap();
+        wait_known(node, 1).await;
     }
     // Every 2 seconds, in the whole mesh.
     a.schedule("tick", "*/2 * * * * *").await.unwrap();
