@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # Starts one Meshwork node on embedded defaults (`meshd --dev`: generated secret, data under
-# ~/.cache/meshwork/dev, loopback only) and gives it a demo workload entry, then keeps the
-# node in the foreground until Ctrl-C.
-#
-# Until the workload runtimes land (containers, functions, batch), the "workload" is a desired
-# state entry written through the gRPC API: it shows the path every workload will take.
+# ~/.cache/meshwork/dev, loopback only), deploys the example `hello` function on it as the
+# demo workload and calls it over HTTP, then keeps the node in the foreground until Ctrl-C.
+# (Needs the WASI target for the example: `rustup target add wasm32-wasip1`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked -p meshwork-node -p meshwork-client
@@ -21,11 +19,15 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-"$bin/meshctl" state put demo/workloads/hello '{"kind":"demo","message":"hello from meshwork"}'
+cargo build --release --target wasm32-wasip1 --manifest-path examples/Cargo.toml -p hello
+"$bin/meshctl" fn deploy hello examples/target/wasm32-wasip1/release/hello.wasm --memory 64Mi --timeout 5s
 echo
 "$bin/meshctl" nodes
 echo
-"$bin/meshctl" state ls demo/
+"$bin/meshctl" fn ls
 echo
-echo "The node runs until Ctrl-C. Try: $bin/meshctl nodes --json ; curl -s http://127.0.0.1:8080/metrics"
+curl -s 'http://127.0.0.1:8080/fn/hello?name=meshwork'
+echo
+echo "The node runs until Ctrl-C. Try: curl 'http://127.0.0.1:8080/fn/hello?name=you' ;"
+echo "  $bin/meshctl fn stats hello ; $bin/meshctl nodes --json ; curl -s http://127.0.0.1:8080/metrics"
 wait $node
