@@ -107,6 +107,9 @@ pub struct NodeState {
     pub replica: Mutex<Replica>,
     /// Handlers of node-to-node calls.
     pub router: RpcRouter,
+    /// Capacity taken by the replicas placed on this node, and how many there are, as the
+    /// last scheduler pass computed them; advertised in heartbeats.
+    pub allocated: Mutex<(crate::membership::Resources, u32)>,
     network: mpsc::UnboundedSender<NetworkCommand>,
 }
 
@@ -212,6 +215,7 @@ impl Node {
             membership: RwLock::new(MembershipTable::new(peer_id.to_string(), config.detector)),
             replica: Mutex::new(replica),
             router: RpcRouter::default(),
+            allocated: Mutex::new(Default::default()),
             network: net_tx.clone(),
         });
         let network = MeshNetwork::new(

@@ -448,6 +448,7 @@ impl MeshNetwork {
             self.disk_checked = Some(now);
         }
         self.seq += 1;
+        let (allocated, workloads) = *self.node.allocated.lock().expect("allocated lock");
         let hb = Heartbeat {
             peer_id: self.local().to_string(),
             name: self.node.name.clone(),
@@ -456,9 +457,9 @@ impl MeshNetwork {
             addrs: self.listen_addrs(),
             labels: self.node.labels.clone(),
             total: self.probe.total(),
-            allocated: Resources::default(),
+            allocated,
             disk_free_bytes: self.disk_free,
-            workloads: 0,
+            workloads,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let bytes = postcard::to_allocvec(&hb).expect("heartbeat serializes");

@@ -133,6 +133,17 @@ impl Scheduler {
                 let _ = self.node.write(&claim_key(&key.0, key.1), None);
             }
         }
+        // What the claims naming this node take, for its heartbeat ("free" in `nodes`).
+        let mut taken = crate::membership::Resources::default();
+        let mut count = 0u32;
+        for c in table.claims.iter().filter(|c| c.node == me) {
+            if let Some(w) = workloads.iter().find(|w| w.id == c.workload) {
+                taken.cpu_millis += w.cpu_millis;
+                taken.memory_bytes += w.memory_bytes;
+                count += 1;
+            }
+        }
+        *self.node.allocated.lock().expect("allocated lock") = (taken, count);
         metrics::gauge!("mesh_placements_pending").set(table.pending.len() as f64);
         table
     }

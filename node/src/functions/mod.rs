@@ -528,10 +528,10 @@ impl Functions {
         if request.body.len() > MAX_BODY_BYTES {
             return Err(FunctionError::TooLarge);
         }
-        self.spec(name)?;
+        let spec = self.spec(name)?;
         let claimed = self.claimed_nodes(name);
         if claimed.is_empty() || claimed[0] == self.node.peer_id {
-            return self.invoke_local(name, request).await;
+            return self.run_here(spec, request).await;
         }
         // Spread calls over the warm nodes.
         let pick = claimed[rand::random_range(0..claimed.len())];
@@ -550,18 +550,27 @@ impl Functions {
             },
             Err(e) => {
                 tracing::warn!(function = name, node = %pick, error = %e, "warm node unreachable; running here");
-                self.invoke_local(name, request).await
+                self.run_here(spec, request).await
             }
         }
     }
 
-    /// Runs a call on this node.
+    /// Runs a call on this node (a call forwarded here by another node).
     pub async fn invoke_local(
         &self,
         name: &str,
         request: CgiRequest,
     ) -> Result<CgiResponse, FunctionError> {
         let spec = self.spec(name)?;
+        self.run_here(spec, request).await
+    }
+
+    async fn run_here(
+        &self,
+        spec: FunctionSpec,
+        request: CgiRequest,
+    ) -> Result<CgiResponse, FunctionError> {
+        let name = spec.name.as_str();
         let semaphore = self.semaphore(&spec);
         let Ok(_permit) = semaphore.try_acquire_owned() else {
             self.stats_mut(name, |s| s.throttled += 1);
