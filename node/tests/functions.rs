@@ -98,13 +98,17 @@ async fn hello_answers_through_http_and_grpc_on_every_node() {
         assert!(String::from_utf8_lossy(&r.body).contains("hello, bo"));
     }
     // The warm copy's memory shows as allocated on the node that holds it.
-    wait_until(CONVERGE, "one node advertises the function's memory as allocated", || async {
-        let nodes = c.nodes[0].nodes().await;
-        nodes.iter().filter(|n| n.workloads == 1).count() == 1
-            && nodes.iter().any(|n| {
-                n.workloads == 1 && n.memory_total_bytes - n.memory_free_bytes == 64 << 20
-            })
-    })
+    wait_until(
+        CONVERGE,
+        "one node advertises the function's memory as allocated",
+        || async {
+            let nodes = c.nodes[0].nodes().await;
+            nodes.iter().filter(|n| n.workloads == 1).count() == 1
+                && nodes.iter().any(|n| {
+                    n.workloads == 1 && n.memory_total_bytes - n.memory_free_bytes == 64 << 20
+                })
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let stats = a.function_stats("hello").await.unwrap();
