@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use meshwork_proto::v1::{
     self as pb, cluster_service_client::ClusterServiceClient,
     function_service_client::FunctionServiceClient, registry_service_client::RegistryServiceClient,
+    route_service_client::RouteServiceClient, service_service_client::ServiceServiceClient,
     state_service_client::StateServiceClient,
 };
 use serde::Serialize;
@@ -81,6 +82,8 @@ pub struct MeshClient {
     state: StateServiceClient<Channel>,
     registry: RegistryServiceClient<Channel>,
     functions: FunctionServiceClient<Channel>,
+    services: ServiceServiceClient<Channel>,
+    routes: RouteServiceClient<Channel>,
 }
 
 impl MeshClient {
@@ -101,9 +104,12 @@ impl MeshClient {
             state: StateServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             registry: RegistryServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20),
-            functions: FunctionServiceClient::new(channel)
+            functions: FunctionServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
+            services: ServiceServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20),
+            routes: RouteServiceClient::new(channel),
         })
     }
 
@@ -468,6 +474,123 @@ impl MeshClient {
     }
 }
 
+impl MeshClient {
+    /// Creates a container service; its replicas start wherever placement puts them.
+    pub async fn create_service(
+        &mut self,
+        request: pb::CreateServiceRequest,
+    ) -> Result<pb::Service, ClientError> {
+        Ok(self.services.create(request).await?.into_inner())
+    }
+
+    /// Changes a service's image, command, env or health check: a rolling update, one
+    /// replica at a time. Fields left empty keep their value.
+    pub async fn update_service(
+        &mut self,
+        request: pb::UpdateServiceRequest,
+    ) -> Result<pb::Service, ClientError> {
+        Ok(self.services.update(request).await?.into_inner())
+    }
+
+    /// Sets a service's desired replica count.
+    pub async fn scale_service(
+        &mut self,
+        name: &str,
+        replicas: u32,
+    ) -> Result<pb::Service, ClientError> {
+        Ok(self
+            .services
+            .scale(pb::ScaleServiceRequest {
+                name: name.into(),
+                replicas,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Removes a service; its replicas stop.
+    pub async fn remove_service(&mut self, name: &str) -> Result<(), ClientError> {
+        self.services
+            .remove(pb::ServiceRef { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// Every service, with its running, pending and updated replica counts.
+    pub async fn services(&mut self) -> Result<Vec<pb::Service>, ClientError> {
+        Ok(self
+            .services
+            .list(pb::ListServicesRequest {})
+            .await?
+            .into_inner()
+            .services)
+    }
+
+    /// One service.
+    pub async fn service(&mut self, name: &str) -> Result<pb::Service, ClientError> {
+        Ok(self
+            .services
+            .get(pb::ServiceRef { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// A service's replicas (and pending replicas, with the reason), one entry each.
+    pub async fn service_ps(&mut self, name: &str) -> Result<Vec<pb::ServiceReplica>, ClientError> {
+        Ok(self
+            .services
+            .ps(pb::ServiceRef { name: name.into() })
+            .await?
+            .into_inner()
+            .replicas)
+    }
+
+    /// Streams the stdout and stderr of a service's replicas: first the end of each log,
+    /// then, with `follow`, new output as it comes.
+    pub async fn service_logs(
+        &mut self,
+        request: pb::ServiceLogsRequest,
+    ) -> Result<ServiceLogStream, ClientError> {
+        Ok(ServiceLogStream(
+            self.services.logs(request).await?.into_inner(),
+        ))
+    }
+
+    /// Adds a gateway route from a path prefix to a function or a service.
+    pub async fn add_route(&mut self, route: pb::Route) -> Result<pb::Route, ClientError> {
+        Ok(self.routes.add(route).await?.into_inner())
+    }
+
+    /// Every gateway route.
+    pub async fn routes(&mut self) -> Result<Vec<pb::Route>, ClientError> {
+        Ok(self
+            .routes
+            .list(pb::ListRoutesRequest {})
+            .await?
+            .into_inner()
+            .routes)
+    }
+
+    /// Removes the gateway route with this path.
+    pub async fn remove_route(&mut self, path: &str) -> Result<(), ClientError> {
+        self.routes
+            .remove(pb::RouteRef { path: path.into() })
+            .await?;
+        Ok(())
+    }
+}
+
+/// The log output of a service, chunk by chunk, from [`MeshClient::service_logs`].
+pub struct ServiceLogStream(tonic::Streaming<pb::ServiceLogChunk>);
+
+impl ServiceLogStream {
+    /// The next chunk, or `None` when the stream ends (without `follow`, once every
+    /// replica's tail was sent).
+    pub async fn next(&mut self) -> Result<Option<pb::ServiceLogChunk>, ClientError> {
+        Ok(self.0.message().await?)
+    }
+}
+
 /// A member, as `meshctl nodes --json` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeView {
@@ -610,6 +733,177 @@ pub fn human_cpu(millis: u64) -> String {
     }
 }
 
+/// The most CPU a `--cpu` may ask for: 1000 cores.
+pub const MAX_CPU_MILLIS: u64 = 1_000_000;
+
+/// Parses a CPU amount into thousandths of a core: cores such as `0.5`, `1` or `2.25`, or
+/// thousandths such as `250m`. Zero, negative amounts, finer than `1m`, more than
+/// [`MAX_CPU_MILLIS`] and anything else are errors whose text says why.
+pub fn parse_cpu(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected cores like 0.5 or 2, or thousandths of a core like 250m";
+    let too_much = || format!("more than {} cores", MAX_CPU_MILLIS / 1000);
+    let t = text.trim();
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(positive) = t.strip_prefix('-') {
+        // A number with a minus sign is negative; anything else is not a number.
+        return Err(match parse_cpu(positive) {
+            Err(e) if e == EXPECTED || positive.starts_with('-') => EXPECTED.into(),
+            _ => "must be more than 0".into(),
+        });
+    }
+    let millis = if let Some(m) = t.strip_suffix('m') {
+        if m.is_empty() || !digits(m) {
+            return Err(EXPECTED.into());
+        }
+        m.parse::<u64>().map_err(|_| too_much())?
+    } else {
+        let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+        if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+            return Err(EXPECTED.into());
+        }
+        let (thousandths, finer) = frac.split_at(frac.len().min(3));
+        if finer.bytes().any(|b| b != b'0') {
+            return Err("finer than a thousandth of a core (1m)".into());
+        }
+        let whole = if int.is_empty() {
+            0
+        } else {
+            int.parse::<u64>().map_err(|_| too_much())?
+        };
+        let part = format!("{thousandths:0<3}").parse::<u64>().unwrap_or(0);
+        whole
+            .checked_mul(1000)
+            .and_then(|w| w.checked_add(part))
+            .ok_or_else(too_much)?
+    };
+    if millis == 0 {
+        return Err("must be more than 0".into());
+    }
+    if millis > MAX_CPU_MILLIS {
+        return Err(too_much());
+    }
+    Ok(millis)
+}
+
+/// Splits a command line into its arguments the way a POSIX shell would (quotes,
+/// backslashes; no expansion), e.g. `sh -c 'echo hi'` into `sh`, `-c`, `echo hi`. An
+/// unbalanced quote, a trailing backslash or an empty command is an error.
+pub fn split_command(text: &str) -> Result<Vec<String>, String> {
+    let argv = shlex::split(text)
+        .ok_or_else(|| "an unbalanced quote or a trailing backslash".to_string())?;
+    if argv.is_empty() {
+        return Err("the command is empty".into());
+    }
+    Ok(argv)
+}
+
+/// Joins arguments back into one line a shell would split the same way (for display).
+pub fn join_command(argv: &[String]) -> String {
+    shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| format!("{argv:?}"))
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago `since_ms` (ms since the Unix epoch) was at `now_ms`, the way people read
+/// it: `12s`, `3m`, `2h`, `5d`; `-` when `since_ms` is 0 (unknown).
+pub fn human_age(since_ms: u64, now_ms: u64) -> String {
+    if since_ms == 0 {
+        return "-".into();
+    }
+    let secs = now_ms.saturating_sub(since_ms) / 1000;
+    if secs < 60 {
+        format!("{secs}s")
+    } else if secs < 3600 {
+        format!("{}m", secs / 60)
+    } else if secs < 86_400 {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{}d", secs / 86_400)
+    }
+}
+
+/// Turns the log chunks of a service's replicas into output, prefixing each line with its
+/// replica (`web.1 | `) when more than one replica contributes. Chunks need not end at a
+/// line break: while prefixing, a replica's unfinished line waits for the rest of it, so
+/// lines of different replicas never mix.
+#[derive(Debug)]
+pub struct LogPrefixer {
+    service: String,
+    prefix: bool,
+    first: Option<u32>,
+    partial: BTreeMap<u32, Vec<u8>>,
+    /// Raw output ended in the middle of a line.
+    open_line: bool,
+}
+
+impl LogPrefixer {
+    /// Starts with prefixes when `prefix` (e.g. the service has several replicas); without,
+    /// output passes through unchanged until a second replica shows up.
+    pub fn new(service: &str, prefix: bool) -> Self {
+        LogPrefixer {
+            service: service.to_string(),
+            prefix,
+            first: None,
+            partial: BTreeMap::new(),
+            open_line: false,
+        }
+    }
+
+    /// The bytes to write now for a chunk of `replica`'s output.
+    pub fn push(&mut self, replica: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if !self.prefix {
+            match self.first {
+                None => self.first = Some(replica),
+                Some(r) if r != replica => {
+                    self.prefix = true;
+                    if self.open_line {
+                        out.push(b'\n');
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if !self.prefix {
+            if let Some(&last) = data.last() {
+                self.open_line = last != b'\n';
+            }
+            out.extend_from_slice(data);
+            return out;
+        }
+        let buf = self.partial.entry(replica).or_default();
+        buf.extend_from_slice(data);
+        if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+            let rest = buf.split_off(end + 1);
+            let complete = std::mem::replace(buf, rest);
+            let tag = format!("{}.{replica} | ", self.service);
+            for line in complete.split_inclusive(|&b| b == b'\n') {
+                out.extend_from_slice(tag.as_bytes());
+                out.extend_from_slice(line);
+            }
+        }
+        out
+    }
+
+    /// The bytes left when the stream ends: every unfinished line, prefixed and ended.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (replica, line) in std::mem::take(&mut self.partial) {
+            if !line.is_empty() {
+                out.extend_from_slice(format!("{}.{replica} | ", self.service).as_bytes());
+                out.extend_from_slice(&line);
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+}
+
 /// Renders rows as a left-aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -650,6 +944,118 @@ mod tests {
         assert_eq!(human_cpu(1500), "1.50");
         let t = table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    BB\nxyz  1\n");
+    }
+
+    #[test]
+    fn cpu_amounts() {
+        assert_eq!(parse_cpu("250m"), Ok(250));
+        assert_eq!(parse_cpu("0.5"), Ok(500));
+        assert_eq!(parse_cpu("1"), Ok(1000));
+        assert_eq!(parse_cpu("2.25"), Ok(2250));
+        assert_eq!(parse_cpu(".5"), Ok(500));
+        assert_eq!(parse_cpu("0.001"), Ok(1));
+        assert_eq!(parse_cpu("1.2500"), Ok(1250));
+        assert_eq!(parse_cpu(" 100m "), Ok(100));
+        assert_eq!(parse_cpu("1000"), Ok(MAX_CPU_MILLIS));
+        assert_eq!(parse_cpu("1000000m"), Ok(MAX_CPU_MILLIS));
+        for zero in ["0", "0m", "0.0", "0.0001"] {
+            let e = parse_cpu(zero).unwrap_err();
+            assert!(
+                e.contains("more than 0") || e.contains("finer"),
+                "{zero}: {e}"
+            );
+        }
+        for negative in ["-1", "-250m", "-0.5", "-0", "-2000"] {
+            assert_eq!(parse_cpu(negative).unwrap_err(), "must be more than 0");
+        }
+        for big in [
+            "1000.001",
+            "1000001m",
+            "99999999999999999999",
+            "18446744073709552",
+        ] {
+            assert!(
+                parse_cpu(big).unwrap_err().contains("more than 1000 cores"),
+                "{big}"
+            );
+        }
+        for garbage in [
+            "-abc", "--1", "", "m", "-", ".", "abc", "1.5m", "1e3", "+1", "1 m", "0x10", "1..2",
+            "2 cores",
+        ] {
+            assert!(
+                parse_cpu(garbage).unwrap_err().contains("expected cores"),
+                "{garbage:?}"
+            );
+        }
+        assert!(parse_cpu("0.0005").unwrap_err().contains("finer"));
+    }
+
+    #[test]
+    fn commands_split_like_a_shell() {
+        assert_eq!(
+            split_command("sh -c 'echo hi; sleep 1'").unwrap(),
+            ["sh", "-c", "echo hi; sleep 1"]
+        );
+        assert_eq!(
+            split_command(r#"python3 -m http.server "80 80" a\ b"#).unwrap(),
+            ["python3", "-m", "http.server", "80 80", "a b"]
+        );
+        assert_eq!(split_command("  nginx  ").unwrap(), ["nginx"]);
+        assert_eq!(split_command(r#"echo "it's""#).unwrap(), ["echo", "it's"]);
+        assert!(
+            split_command("sh -c 'echo hi")
+                .unwrap_err()
+                .contains("unbalanced")
+        );
+        assert!(
+            split_command(r#"echo "a"#)
+                .unwrap_err()
+                .contains("unbalanced")
+        );
+        assert!(split_command("echo \\").unwrap_err().contains("unbalanced"));
+        assert!(split_command("   ").unwrap_err().contains("empty"));
+        let argv = split_command("sh -c 'echo \"$X\"'").unwrap();
+        assert_eq!(split_command(&join_command(&argv)).unwrap(), argv);
+    }
+
+    #[test]
+    fn ages() {
+        let now = 1_700_000_000_000;
+        assert_eq!(human_age(0, now), "-");
+        assert_eq!(human_age(now, now), "0s");
+        assert_eq!(human_age(now - 12_400, now), "12s");
+        assert_eq!(human_age(now - 59_999, now), "59s");
+        assert_eq!(human_age(now - 60_000, now), "1m");
+        assert_eq!(human_age(now - 3 * 60_000 - 5_000, now), "3m");
+        assert_eq!(human_age(now - 2 * 3_600_000 - 1, now), "2h");
+        assert_eq!(human_age(now - 3 * 86_400_000, now), "3d");
+        // A replica's clock ahead of ours.
+        assert_eq!(human_age(now + 5_000, now), "0s");
+    }
+
+    #[test]
+    fn log_lines_get_their_replica_when_several_contribute() {
+        // One replica: bytes pass through as they come.
+        let mut p = LogPrefixer::new("web", false);
+        assert_eq!(p.push(0, b"hel"), b"hel");
+        assert_eq!(p.push(0, b"lo\nwor"), b"lo\nwor");
+        assert_eq!(p.finish(), b"");
+
+        // Several: whole lines, each tagged, unfinished lines held back until they end.
+        let mut p = LogPrefixer::new("web", true);
+        assert_eq!(p.push(0, b"a1\na2\npart"), b"web.0 | a1\nweb.0 | a2\n");
+        assert_eq!(p.push(1, b"b1\n"), b"web.1 | b1\n");
+        assert_eq!(p.push(0, b"ial\n"), b"web.0 | partial\n");
+        assert_eq!(p.push(1, b"no end"), b"");
+        assert_eq!(p.push(2, b""), b"");
+        assert_eq!(p.finish(), b"web.1 | no end\n");
+
+        // Started without prefixes; a second replica turns them on, ending the open line.
+        let mut p = LogPrefixer::new("api", false);
+        assert_eq!(p.push(3, b"x\ny"), b"x\ny");
+        assert_eq!(p.push(4, b"z\n"), b"\napi.4 | z\n");
+        assert_eq!(p.push(3, b"w\n"), b"api.3 | w\n");
     }
 
     #[test]

@@ -181,3 +181,171 @@ fn unreachable_endpoints_and_bad_usage_give_clear_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn service_and_route_flags_are_checked_before_connecting() {
+    // Nothing listens here: a flag error must come first, and say which flag.
+    let ep = format!("http://127.0.0.1:{}", free_port());
+    for (args, expected) in [
+        (
+            &["svc", "create", "web", "--image", "app:1", "--cpu", "0"][..],
+            "--cpu \"0\": must be more than 0",
+        ),
+        (
+            &["svc", "create", "web", "--image", "app:1", "--cpu", "-1"],
+            "--cpu \"-1\": must be more than 0",
+        ),
+        (
+            &["svc", "create", "web", "--image", "app:1", "--cpu", "lots"],
+            "--cpu \"lots\": expected cores",
+        ),
+        (
+            &["svc", "create", "web", "--image", "app:1", "--cpu", "1001"],
+            "more than 1000 cores",
+        ),
+        (
+            &["svc", "create", "web", "--image", "app:1", "--env", "1X=a"],
+            "--env \"1X=a\"",
+        ),
+        (
+            &[
+                "svc", "create", "web", "--image", "app:1", "--env", "NOVALUE",
+            ],
+            "expected K=V",
+        ),
+        (
+            &[
+                "svc", "create", "web", "--image", "app:1", "--memory", "lots",
+            ],
+            "--memory \"lots\"",
+        ),
+        (
+            &[
+                "svc",
+                "create",
+                "web",
+                "--image",
+                "app:1",
+                "--cmd",
+                "sh -c 'echo",
+            ],
+            "--cmd \"sh -c 'echo\": an unbalanced quote",
+        ),
+        (
+            &[
+                "svc",
+                "create",
+                "web",
+                "--image",
+                "app:1",
+                "--health-cmd",
+                "\"x",
+            ],
+            "--health-cmd",
+        ),
+        (
+            &[
+                "svc",
+                "create",
+                "web",
+                "--image",
+                "a:1",
+                "--label-constraint",
+                "zone",
+            ],
+            "--label-constraint \"zone\": expected K=V",
+        ),
+        (&["svc", "update", "web"], "nothing to update"),
+        (
+            &["svc", "update", "web", "--env", "A B=1"],
+            "--env \"A B=1\"",
+        ),
+        (&["logs", "web", "--tail", "lots"], "--tail \"lots\""),
+    ] {
+        let out = meshctl(&ep, args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{args:?}: {err}");
+    }
+    // Good flags get as far as connecting.
+    let out = meshctl(
+        &ep,
+        &[
+            "svc",
+            "create",
+            "web",
+            "--image",
+            "app:1",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "128Mi",
+            "--env",
+            "A=1",
+            "--cmd",
+            "sh -c 'echo hi'",
+            "--binpack",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach a node"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Usage errors are clap's: exit 2.
+    for args in [
+        &[
+            "svc",
+            "create",
+            "web",
+            "--image",
+            "a:1",
+            "--spread",
+            "--binpack",
+        ][..],
+        &["svc", "create", "web", "--image", "a:1", "--port", "70000"],
+        &["svc", "create", "web"],
+        &["svc", "scale", "web", "many"],
+        &["route", "add", "/web"],
+        &["route", "add", "/web", "--fn", "hello", "--service", "web"],
+        &["route", "add", "/web", "--fn", "hello", "--websocket"],
+    ] {
+        assert_eq!(meshctl(&ep, args).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn service_and_route_help_lists_the_subcommands() {
+    let help = |args: &[&str]| {
+        let out = Command::new(MESHCTL).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        text(&out.stdout)
+    };
+    let svc = help(&["svc", "--help"]);
+    for sub in ["create", "ls", "ps", "scale", "update", "rm", "inspect"] {
+        assert!(
+            svc.lines().any(|l| l.trim_start().starts_with(sub)),
+            "{sub}: {svc}"
+        );
+    }
+    let route = help(&["route", "--help"]);
+    for sub in ["add", "ls", "rm"] {
+        assert!(
+            route.lines().any(|l| l.trim_start().starts_with(sub)),
+            "{sub}: {route}"
+        );
+    }
+    let logs = help(&["logs", "--help"]);
+    for flag in ["--follow", "--replica", "--tail"] {
+        assert!(logs.contains(flag), "{flag}: {logs}");
+    }
+    let top = help(&["--help"]);
+    for sub in ["svc", "logs", "route"] {
+        assert!(
+            top.lines().any(|l| l.trim_start().starts_with(sub)),
+            "{sub}: {top}"
+        );
+    }
+}

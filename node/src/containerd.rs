@@ -121,8 +121,11 @@ pub struct ImageToImport {
 }
 
 /// What [`Containerd::import`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImportReport {
+    /// The chain id of the top layer: the snapshot a container's root file system is
+    /// prepared on (empty for an image without layers).
+    pub chain_id: String,
     /// Blobs streamed into containerd's content store.
     pub blobs_written: usize,
     /// Blobs containerd already had (not read from Meshwork's store, except
@@ -478,6 +481,7 @@ impl Containerd {
             }
             parent = chain_id;
         }
+        report.chain_id.clone_from(&parent);
         if !parent.is_empty() {
             let mut labels = HashMap::new();
             labels.insert(
@@ -1696,6 +1700,7 @@ mod tests {
         let name = "meshwork.local/busybox-echo:1.0";
         let fixture = image_with_layer(name, busybox_layer(), "hello");
         let layer = &fixture.image.layers[0];
+        let diff_id = layer.digest.clone(); // uncompressed layer: diff id == digest
 
         let report = ctrd
             .import(&fixture.image, fixture.opener())
@@ -1704,6 +1709,7 @@ mod tests {
         assert_eq!(
             report,
             ImportReport {
+                chain_id: diff_id.clone(),
                 blobs_written: 3,
                 blobs_present: 0,
                 layers_unpacked: 1
@@ -1719,7 +1725,6 @@ mod tests {
 
         // What containerd's own unpack would have left, and it survives GC.
         collect_garbage(&ctrd).await;
-        let diff_id = layer.digest.clone(); // uncompressed layer: diff id == digest
         assert!(
             snapshot_committed(&ctrd, &diff_id).await,
             "snapshot kept by GC"
@@ -1751,6 +1756,7 @@ mod tests {
         assert_eq!(
             report,
             ImportReport {
+                chain_id: diff_id.clone(),
                 blobs_written: 0,
                 blobs_present: 3,
                 layers_unpacked: 0
@@ -1769,6 +1775,7 @@ mod tests {
         assert_eq!(
             report,
             ImportReport {
+                chain_id: diff_id.clone(),
                 blobs_written: 2,
                 blobs_present: 1,
                 layers_unpacked: 0

@@ -1,5 +1,5 @@
-//! The HTTP listener of every node: `/healthz`, `/metrics`, and functions at `/fn/<name>`.
-//! The API gateway issue generalises the routes; this is the direct path to a function.
+//! The HTTP listener of every node: `/healthz`, `/metrics`, functions at `/fn/<name>`, and
+//! every gateway route (see [`crate::gateway`]) for anything else.
 
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ use crate::functions::{FunctionError, Functions, MAX_BODY_BYTES};
 struct AppState {
     metrics: PrometheusHandle,
     functions: Arc<Functions>,
+    node: Arc<crate::node::NodeState>,
 }
 
 /// Serves HTTP on `listener` until `shutdown` turns true.
@@ -27,6 +28,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     functions: Arc<Functions>,
+    node: Arc<crate::node::NodeState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let app = Router::new()
@@ -34,7 +36,12 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/fn/{name}", any(invoke_function))
         .route("/fn/{name}/{*rest}", any(invoke_function))
-        .with_state(AppState { metrics, functions });
+        .fallback(gateway)
+        .with_state(AppState {
+            metrics,
+            functions,
+            node,
+        });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;
@@ -76,6 +83,31 @@ async fn invoke_function(
         .find(|(k, _)| k == "rest")
         .map(|(_, v)| format!("/{v}"))
         .unwrap_or_else(|| "/".into());
+    call_function(&state, &name, rest, request).await
+}
+
+/// Anything that is not a built-in path: the gateway routes.
+async fn gateway(State(state): State<AppState>, request: Request) -> Response {
+    let routes = crate::gateway::list(&state.node);
+    let path = request.uri().path().to_string();
+    let Some((route, rest)) = crate::gateway::match_route(&routes, &path) else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            format!("no route for {}", path.escape_debug()),
+        );
+    };
+    match &route.target {
+        crate::gateway::RouteTarget::Function(name) => {
+            call_function(&state, name, rest, request).await
+        }
+        crate::gateway::RouteTarget::Service(name) => {
+            crate::gateway::proxy_to_service(&state.node, name, route.websocket, &rest, request)
+                .await
+        }
+    }
+}
+
+async fn call_function(state: &AppState, name: &str, rest: String, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Read at most the limit plus one byte: a larger body is refused without being buffered.
     let body = match to_bytes(body, MAX_BODY_BYTES).await {
@@ -101,7 +133,7 @@ async fn invoke_function(
         env: Default::default(),
         args: vec![],
     };
-    match state.functions.invoke(&name, cgi).await {
+    match state.functions.invoke(name, cgi).await {
         Ok(resp) => {
             let mut headers = HeaderMap::new();
             for (k, v) in &resp.headers {

@@ -11,7 +11,9 @@ pub mod capacity;
 pub mod config;
 pub mod containerd;
 pub mod datadir;
+pub mod fence;
 pub mod functions;
+pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod membership;
@@ -22,6 +24,7 @@ pub mod registry;
 pub mod replica;
 pub mod rpc;
 pub mod scheduler;
+pub mod services;
 pub mod state;
 pub mod telemetry;
 

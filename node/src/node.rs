@@ -26,6 +26,8 @@ use crate::registry::Registry;
 use crate::replica::{Replica, ReplicaError};
 use crate::rpc::{RpcError, RpcRequest, RpcRouter};
 use crate::scheduler::Scheduler;
+use crate::services::Services;
+use crate::services::supervisor::Supervisor;
 use crate::state::Entry;
 
 /// Everything a node needs to start.
@@ -110,6 +112,13 @@ pub struct NodeState {
     /// Capacity taken by the replicas placed on this node, and how many there are, as the
     /// last scheduler pass computed them; advertised in heartbeats.
     pub allocated: Mutex<(crate::membership::Resources, u32)>,
+    /// Whether this node's containerd answers (advertised as a label; services need it).
+    pub containers_ready: std::sync::atomic::AtomicBool,
+    /// What fencing allows this node to do now (updated by the scheduler every pass).
+    pub verdict: Mutex<crate::fence::Verdict>,
+    /// Replicas the last placement pass could not place, with the reason, by (workload,
+    /// replica).
+    pub pending: Mutex<BTreeMap<(String, u32), String>>,
     network: mpsc::UnboundedSender<NetworkCommand>,
 }
 
@@ -216,6 +225,9 @@ impl Node {
             replica: Mutex::new(replica),
             router: RpcRouter::default(),
             allocated: Mutex::new(Default::default()),
+            containers_ready: std::sync::atomic::AtomicBool::new(false),
+            verdict: Mutex::new(crate::fence::Verdict::Act),
+            pending: Mutex::new(BTreeMap::new()),
             network: net_tx.clone(),
         });
         let network = MeshNetwork::new(
@@ -244,7 +256,19 @@ impl Node {
         let triggers_handle = triggers.clone();
         let scheduler = Scheduler::new(
             state.clone(),
-            vec![Functions::workload_source(registry.clone())],
+            vec![
+                Functions::workload_source(registry.clone()),
+                Services::workload_source(registry.clone()),
+            ],
+        );
+        let log_dir = config.data_dir.join("container-logs");
+        let services = Services::new(state.clone(), registry.clone(), log_dir.clone());
+        let supervisor = Supervisor::new(
+            state.clone(),
+            registry.clone(),
+            config.containerd_socket.clone(),
+            config.containerd_namespace.clone(),
+            log_dir,
         );
         let serve_mode = if config.lie == Some(crate::p2p::LieMode::CorruptPieces) {
             ServeMode::CorruptPieces
@@ -269,6 +293,7 @@ impl Node {
         tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown_rx.clone()));
         tasks.spawn(functions.clone().run_background(shutdown_rx.clone()));
         tasks.spawn(triggers.clone().run(shutdown_rx.clone()));
+        tasks.spawn(supervisor.run(shutdown_rx.clone()));
         let subsystems = crate::grpc::Subsystems {
             node: state.clone(),
             registry: registry.clone(),
@@ -279,6 +304,7 @@ impl Node {
                 socket: config.containerd_socket.clone(),
                 namespace: config.containerd_namespace.clone(),
             },
+            services,
         };
         tasks.spawn(crate::grpc::serve(
             grpc_listener,
@@ -289,6 +315,7 @@ impl Node {
             http_listener,
             metrics,
             functions,
+            state.clone(),
             shutdown_rx,
         ));
         tracing::info!(grpc = %grpc_addr, http = %http_addr, p2p = %config.p2p, "node started");

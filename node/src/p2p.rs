@@ -455,7 +455,20 @@ impl MeshNetwork {
             incarnation: self.incarnation,
             seq: self.seq,
             addrs: self.listen_addrs(),
-            labels: self.node.labels.clone(),
+            labels: {
+                let mut labels = self.node.labels.clone();
+                if self
+                    .node
+                    .containers_ready
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    labels.insert(
+                        crate::services::CONTAINERS_LABEL.into(),
+                        crate::services::CONTAINERS_READY.into(),
+                    );
+                }
+                labels
+            },
             total: self.probe.total(),
             allocated,
             disk_free_bytes: self.disk_free,

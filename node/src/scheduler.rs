@@ -16,11 +16,25 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fence::{QuorumWatch, Verdict};
 use crate::membership::MemberState;
 use crate::node::NodeState;
 use crate::placement::{self, Claim, NodeCapacity, PlacementTable, WorkloadSpec};
 
 const CLAIM_PREFIX: &str = "claim/";
+
+/// A pending reason as `svc ps` shows it (the container capability label is explained).
+fn pending_text(reason: &placement::PendingReason) -> String {
+    match reason {
+        placement::PendingReason::NoNodeMatchesConstraints => format!(
+            "no live node matches the constraints (nodes need containerd running to take \
+             services: label {}={})",
+            crate::services::CONTAINERS_LABEL,
+            crate::services::CONTAINERS_READY
+        ),
+        other => other.to_string(),
+    }
+}
 
 /// A claim as stored in the replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +52,7 @@ pub type WorkloadSource = Box<dyn Fn(&NodeState) -> Vec<WorkloadSpec> + Send + S
 pub struct Scheduler {
     node: Arc<NodeState>,
     sources: Vec<WorkloadSource>,
+    quorum: std::sync::Mutex<QuorumWatch>,
 }
 
 fn claim_key(workload: &str, replica: u32) -> String {
@@ -47,7 +62,11 @@ fn claim_key(workload: &str, replica: u32) -> String {
 impl Scheduler {
     /// A scheduler over the given workload sources.
     pub fn new(node: Arc<NodeState>, sources: Vec<WorkloadSource>) -> Self {
-        Self { node, sources }
+        Self {
+            node,
+            sources,
+            quorum: std::sync::Mutex::new(QuorumWatch::default()),
+        }
     }
 
     /// Every claim in the state.
@@ -89,6 +108,7 @@ impl Scheduler {
     /// One pass: compute the table and write the claims of the workloads this node
     /// coordinates. Returns the table (for status and tests).
     pub fn run_once(&self) -> PlacementTable {
+        let verdict = self.observe_quorum();
         let workloads: Vec<WorkloadSpec> =
             self.sources.iter().flat_map(|s| s(&self.node)).collect();
         let nodes = Self::live_nodes(&self.node);
@@ -105,7 +125,10 @@ impl Scheduler {
         for c in current {
             stored.insert((c.workload.clone(), c.replica), c);
         }
-        let coordinates = |workload: &str| placement::coordinator(workload, &nodes) == Some(&me);
+        // A node without a majority writes no claims (see `fence`).
+        let coordinates = |workload: &str| {
+            verdict == Verdict::Act && placement::coordinator(workload, &nodes) == Some(&me)
+        };
         for (key, claim) in &desired {
             if !coordinates(&key.0) {
                 continue;
@@ -145,7 +168,36 @@ impl Scheduler {
         }
         *self.node.allocated.lock().expect("allocated lock") = (taken, count);
         metrics::gauge!("mesh_placements_pending").set(table.pending.len() as f64);
+        *self.node.pending.lock().expect("pending lock") = table
+            .pending
+            .iter()
+            .map(|p| ((p.workload.clone(), p.replica), pending_text(&p.reason)))
+            .collect();
         table
+    }
+
+    /// Updates the node's fencing verdict from its current view of the membership.
+    fn observe_quorum(&self) -> Verdict {
+        let (live, known) = {
+            let table = self.node.membership.read().expect("membership lock");
+            let members = table.members();
+            let live = members
+                .iter()
+                .filter(|m| m.state == MemberState::Alive)
+                .count();
+            (live.max(1), members.len().max(1))
+        };
+        let verdict = self.quorum.lock().expect("quorum lock").observe(
+            std::time::Instant::now(),
+            live,
+            known,
+        );
+        let mut current = self.node.verdict.lock().expect("verdict lock");
+        if *current != verdict {
+            tracing::warn!(?verdict, live, known, "fencing verdict changed");
+        }
+        *current = verdict;
+        verdict
     }
 
     /// Runs a pass every `every` until shutdown.

@@ -26,6 +26,7 @@ use crate::registry::Registry;
 
 mod functions;
 mod registry;
+mod services;
 
 use crate::replica::ReplicaError;
 use crate::state::{Entry, validate_key};
@@ -63,6 +64,8 @@ pub struct Subsystems {
     pub gc_grace: std::time::Duration,
     /// The node's containerd.
     pub containerd: ContainerdTarget,
+    /// Container services.
+    pub services: Arc<crate::services::Services>,
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -78,6 +81,7 @@ pub async fn serve(
         triggers,
         gc_grace,
         containerd,
+        services,
     } = subsystems;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -105,7 +109,20 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            StateServiceServer::new(StateApi { node }).max_decoding_message_size(MAX_REQUEST_BYTES),
+            StateServiceServer::new(StateApi { node: node.clone() })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            meshwork_proto::v1::service_service_server::ServiceServiceServer::new(
+                services::ServiceApi { services },
+            )
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            meshwork_proto::v1::route_service_server::RouteServiceServer::new(services::RouteApi {
+                node,
+            })
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             FunctionServiceServer::new(functions::FunctionApi {

@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use meshwork_client::{MeshClient, UploadOptions, human_bytes, human_cpu, table};
 
+mod services;
+
 #[derive(Parser)]
 #[command(
     name = "meshctl",
@@ -59,6 +61,15 @@ enum Command {
     /// Functions: WebAssembly (WASI) modules run on any node (like Lambda).
     #[command(subcommand, name = "fn")]
     Function(FnCmd),
+    /// Container services: replicas of an image kept running on the nodes' containerd.
+    #[command(subcommand, name = "svc")]
+    Service(services::SvcCmd),
+    /// Print a service's stdout and stderr, gathered from the nodes that run its replicas.
+    Logs(services::LogsArgs),
+    /// Gateway routes: every node's HTTP listener forwards a path prefix to a function or a
+    /// service.
+    #[command(subcommand)]
+    Route(services::RouteCmd),
 }
 
 #[derive(Subcommand)]
@@ -218,14 +229,23 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Secret(SecretCmd::New) = cli.command {
-        let bytes: [u8; 32] = rand::random();
-        println!("{}", hex::encode(bytes));
-        return Ok(());
-    }
+    // Commands that need no node, or check their flags before connecting.
+    let command = match cli.command {
+        Command::Secret(SecretCmd::New) => {
+            let bytes: [u8; 32] = rand::random();
+            println!("{}", hex::encode(bytes));
+            return Ok(());
+        }
+        Command::Service(cmd) => return services::service(&cli.endpoint, cmd).await,
+        Command::Logs(args) => return services::logs(&cli.endpoint, args).await,
+        Command::Route(cmd) => return services::route(&cli.endpoint, cmd).await,
+        other => other,
+    };
     let mut client = MeshClient::connect(&cli.endpoint).await?;
-    match cli.command {
-        Command::Secret(_) => unreachable!("handled above"),
+    match command {
+        Command::Secret(_) | Command::Service(_) | Command::Logs(_) | Command::Route(_) => {
+            unreachable!("handled above")
+        }
         Command::Nodes { json } => {
             let nodes = client.nodes().await?;
             if json {
@@ -351,6 +371,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// Parses `--env K=V` flags: K is letters, digits and '_', not starting with a digit.
+fn parse_env<C: FromIterator<(String, String)>>(pairs: &[String]) -> anyhow::Result<C> {
+    pairs
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--env {kv:?}: expected K=V"))?;
+            let name_ok = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_ok {
+                anyhow::bail!(
+                    "--env {kv:?}: the name must be letters, digits and '_', not starting with a digit"
+                );
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Parses node label flags `K=V` (such as `--label-constraint`), with keys as `meshd --label`
+/// takes them: letters, digits, '.', '_', '-', '/'.
+fn parse_labels<C: FromIterator<(String, String)>>(
+    flag: &str,
+    pairs: &[String],
+) -> anyhow::Result<C> {
+    pairs
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("{flag} {kv:?}: expected K=V"))?;
+            let key_ok = !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+            if !key_ok {
+                anyhow::bail!("{flag} {kv:?}: the key must be letters, digits, '.', '_', '-', '/'");
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// A byte progress bar on stderr (hidden when stderr is not a terminal).
@@ -630,14 +693,7 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
             let timeout = parse_duration(&timeout).with_context(|| {
                 format!("--timeout {timeout:?}: expected a duration like 5s or 500ms")
             })?;
-            let env = env
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .with_context(|| format!("--env {kv:?}: expected K=V"))
-                })
-                .collect::<anyhow::Result<_>>()?;
+            let env = parse_env(&env)?;
             let f = std::fs::File::open(&module)
                 .with_context(|| format!("opening {}", module.display()))?;
             let info = client
@@ -777,4 +833,47 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn env_flags() {
+        let env: BTreeMap<String, String> =
+            parse_env(&["A=1".into(), "_x9=a=b".into(), "EMPTY=".into()]).unwrap();
+        assert_eq!(env["A"], "1");
+        assert_eq!(env["_x9"], "a=b");
+        assert_eq!(env["EMPTY"], "");
+        for bad in ["noequals", "=v", "9A=1", "A-B=1", "A B=1", "É=1"] {
+            let e = parse_env::<BTreeMap<_, _>>(&[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("--env"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn label_flags() {
+        let l: BTreeMap<String, String> = parse_labels(
+            "--label-constraint",
+            &["zone=a".into(), "k8s.io/arch=arm64".into()],
+        )
+        .unwrap();
+        assert_eq!(l["k8s.io/arch"], "arm64");
+        for bad in ["zone", "=a", "a b=c"] {
+            let e = parse_labels::<BTreeMap<_, _>>("--label-constraint", &[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("--label-constraint"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,529 @@
+//! Container services on the real containerd: three `meshd` processes on loopback, each in its
+//! own containerd namespace, running a busybox `httpd` image built by the test. Skipped (with
+//! a message) when containerd is not running or busybox-static is missing; CI has both.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{TestCluster, TestNode, http_call, wait_until, write_secret};
+use meshwork_client::{MeshClient, oci, push_image};
+use meshwork_proto::v1 as pb;
+
+const SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// An OCI image whose command serves `/www` with busybox httpd on `$PORT`, after printing a
+/// line to stdout; `/www/index.html` says `body`.
+fn web_image(dir: &Path, name: &str, body: &str) -> Option<PathBuf> {
+    let busybox = std::fs::read("/bin/busybox").ok()?;
+    let tar = dir.join(format!("{name}.tar"));
+    oci::write_oci_layout_tar(
+        &tar,
+        &[
+            ("bin/busybox", &busybox, 0o755),
+            ("bin/sh", &busybox, 0o755),
+            ("www/index.html", body.as_bytes(), 0o644),
+        ],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo \"web starting on port $PORT\"; exec /bin/busybox httpd -f -v -p $PORT -h /www",
+        ],
+    )
+    .unwrap();
+    Some(tar)
+}
+
+/// Running tasks in a containerd namespace, by container id.
+fn running_tasks(ns: &str) -> Vec<String> {
+    let out = Command::new("ctr")
+        .args(["--namespace", ns, "task", "ls"])
+        .output()
+        .expect("ctr runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) == Some("RUNNING"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn remove_namespace(ns: &str) {
+    let ctr = |args: &[&str]| {
+        Command::new("ctr")
+            .args(["--namespace", ns])
+            .args(args)
+            .output()
+    };
+    if let Ok(out) = ctr(&["container", "ls", "-q"]) {
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = ctr(&["task", "delete", "-f", id]);
+            let _ = ctr(&["container", "delete", id]);
+        }
+    }
+    if let Ok(out) = ctr(&["image", "ls", "-q"]) {
+        for name in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = ctr(&["image", "rm", name]);
+        }
+    }
+    let _ = Command::new("ctr").args(["namespace", "rm", ns]).output();
+}
+
+struct Fixture {
+    cluster: TestCluster,
+    namespaces: Vec<String>,
+    images: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for n in &mut self.cluster.nodes {
+            n.kill9();
+        }
+        for ns in &self.namespaces {
+            remove_namespace(ns);
+        }
+    }
+}
+
+impl Fixture {
+    fn total_running(&self) -> usize {
+        self.namespaces
+            .iter()
+            .map(|ns| running_tasks(ns).len())
+            .sum()
+    }
+
+    async fn client(&self, i: usize) -> MeshClient {
+        self.cluster.nodes[i].client().await
+    }
+
+    /// Polls `cond` every 200 ms until it holds; fails with every node's log after `within`.
+    async fn wait(&self, within: u64, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(within);
+        loop {
+            if cond().await {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after {within} s waiting until {what}\n{}",
+                    self.cluster.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Starts `n` nodes in fresh containerd namespaces; `None` when containerd or busybox is
+/// missing.
+async fn start(n: usize, tag: &str) -> Option<Fixture> {
+    if !Path::new(SOCKET).exists() {
+        eprintln!("skipped: containerd not running at {SOCKET}");
+        return None;
+    }
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("skipped: /bin/busybox missing (apt-get install busybox-static)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "secret");
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut nodes: Vec<TestNode> = Vec::new();
+    let mut namespaces = Vec::new();
+    for i in 0..n {
+        let join = nodes.first().map(|n0| vec![n0.p2p]).unwrap_or_default();
+        let mut node = TestNode::new(dir.path(), &format!("n{i}"), &secret, join);
+        let ns = format!("mw-{tag}-{}-{i}", std::process::id());
+        node.extra_args = vec![
+            "--containerd-namespace".into(),
+            ns.clone(),
+            "--cpu".into(),
+            "2".into(),
+            "--memory".into(),
+            "1Gi".into(),
+        ];
+        node.start();
+        nodes.push(node);
+        namespaces.push(ns);
+    }
+    let fixture = Fixture {
+        cluster: TestCluster { dir, nodes },
+        namespaces,
+        images,
+    };
+    let expect: Vec<(String, &str)> = (0..n).map(|i| (format!("n{i}"), "alive")).collect();
+    let expect: Vec<(&str, &str)> = expect.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+    fixture
+        .cluster
+        .wait_states(0, &expect, Duration::from_secs(60))
+        .await;
+    Some(fixture)
+}
+
+fn create_request(name: &str, image: &str, replicas: u32) -> pb::CreateServiceRequest {
+    pb::CreateServiceRequest {
+        name: name.into(),
+        image: image.into(),
+        replicas,
+        cpu_millis: 100,
+        memory_bytes: 32 << 20,
+        port: 8080,
+        health_http: "/index.html".into(),
+        ..Default::default()
+    }
+}
+
+fn running_healthy(ps: &[pb::ServiceReplica]) -> usize {
+    ps.iter()
+        .filter(|r| r.state == "running" && r.healthy)
+        .count()
+}
+
+async fn ps(client: &mut MeshClient, name: &str) -> Vec<pb::ServiceReplica> {
+    client.service_ps(name).await.unwrap_or_default()
+}
+
+fn show(ps: &[pb::ServiceReplica]) -> String {
+    ps.iter()
+        .map(|r| {
+            format!(
+                "{}: node={} state={} healthy={} restarts={} reason={}",
+                r.index, r.node, r.state, r.healthy, r.restarts, r.reason
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
+    let Some(mut f) = start(3, "svc").await else {
+        return;
+    };
+    let v1 = web_image(&f.images, "v1", "hello from v1\n").unwrap();
+    let v2 = web_image(&f.images, "v2", "hello from v2\n").unwrap();
+    let mut c0 = f.client(0).await;
+    push_image(&mut c0, &v1, "web:1", 2, |_, _| {})
+        .await
+        .unwrap();
+    push_image(&mut c0, &v2, "web:2", 2, |_, _| {})
+        .await
+        .unwrap();
+
+    // Three replicas, one per node (spread), as containerd itself reports.
+    c0.create_service(create_request("web", "web:1", 3))
+        .await
+        .unwrap();
+    f.wait(120, "3 healthy replicas", async || {
+        running_healthy(&ps(&mut c0, "web").await) == 3
+    })
+    .await;
+    f.wait(10, "containerd runs 3 tasks", async || {
+        f.total_running() == 3
+    })
+    .await;
+    for ns in &f.namespaces {
+        assert_eq!(running_tasks(ns).len(), 1, "spread: one per node");
+    }
+
+    // Kill a container behind meshd's back: it comes back, with a restart counted.
+    let victim_ns = f.namespaces[1].clone();
+    let victim = running_tasks(&victim_ns)[0].clone();
+    let out = Command::new("ctr")
+        .args([
+            "--namespace",
+            &victim_ns,
+            "task",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &victim,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.wait(60, "the killed container restarted", async || {
+        let p = ps(&mut c0, "web").await;
+        running_healthy(&p) == 3 && p.iter().any(|r| r.restarts >= 1)
+    })
+    .await;
+    assert_eq!(f.total_running(), 3);
+
+    // A route on every node; a request through a node that runs no replica reaches one.
+    c0.scale_service("web", 1).await.unwrap();
+    f.wait(60, "one replica left", async || {
+        running_healthy(&ps(&mut c0, "web").await) == 1 && f.total_running() == 1
+    })
+    .await;
+    c0.add_route(pb::Route {
+        path: "/web".into(),
+        service: "web".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let running_on: Vec<usize> = (0..3)
+        .filter(|i| !running_tasks(&f.namespaces[*i]).is_empty())
+        .collect();
+    assert_eq!(running_on.len(), 1);
+    let other = (0..3).find(|i| *i != running_on[0]).unwrap();
+    let port = f.cluster.nodes[other].http;
+    f.wait(
+        30,
+        "the gateway of a node without a replica answers",
+        async || {
+            let (status, body) = http_call(port, "GET", "/web/index.html", b"").await;
+            status == 200 && body == b"hello from v1\n"
+        },
+    )
+    .await;
+    let (status, _) = http_call(port, "GET", "/nothing-here", b"").await;
+    assert_eq!(status, 404);
+
+    // Logs from any node: the replica's stdout (and httpd's access log on stderr).
+    let mut c_other = f.client(other).await;
+    let mut stream = c_other
+        .service_logs(pb::ServiceLogsRequest {
+            name: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    assert!(text.contains("web starting on port"), "logs: {text:?}");
+
+    // Scale out to 5: two nodes run two.
+    c0.scale_service("web", 5).await.unwrap();
+    f.wait(120, "5 healthy replicas", async || {
+        running_healthy(&ps(&mut c0, "web").await) == 5 && f.total_running() == 5
+    })
+    .await;
+
+    // Rolling update to v2: every replica ends on v2; never more than one down at a time.
+    c0.update_service(pb::UpdateServiceRequest {
+        name: "web".into(),
+        image: "web:2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut min_healthy = 5;
+    f.wait(180, "every replica on generation 2", async || {
+        let p = ps(&mut c0, "web").await;
+        min_healthy = min_healthy.min(running_healthy(&p));
+        let svc = c0.service("web").await.unwrap();
+        running_healthy(&p) == 5 && svc.updated == 5 && svc.rollout.is_empty()
+    })
+    .await;
+    assert!(
+        min_healthy >= 4,
+        "at most one replica down during the update"
+    );
+    f.wait(30, "the gateway serves v2", async || {
+        let (status, body) = http_call(port, "GET", "/web/index.html", b"").await;
+        status == 200 && body == b"hello from v2\n"
+    })
+    .await;
+
+    // A restarted meshd adopts its containers instead of starting new ones.
+    let before: Vec<Vec<String>> = f.namespaces.iter().map(|ns| running_tasks(ns)).collect();
+    assert!(f.cluster.nodes[2].terminate(Duration::from_secs(20)));
+    f.cluster.nodes[2].start();
+    f.wait(60, "n2 back and every replica healthy", async || {
+        running_healthy(&ps(&mut c0, "web").await) == 5
+    })
+    .await;
+    let after: Vec<Vec<String>> = f.namespaces.iter().map(|ns| running_tasks(ns)).collect();
+    let mut b2 = before[2].clone();
+    let mut a2 = after[2].clone();
+    b2.sort();
+    a2.sort();
+    assert_eq!(a2, b2, "the same containers run on the restarted node");
+    assert_eq!(f.total_running(), 5);
+
+    // kill -9 a node: its replicas come back on the others; after it returns, no duplicates.
+    let lost = running_tasks(&f.namespaces[1]).len();
+    assert!(lost > 0);
+    f.cluster.nodes[1].kill9();
+    f.wait(90, "5 healthy replicas on n0 and n2", async || {
+        let p = ps(&mut c0, "web").await;
+        running_healthy(&p) == 5 && p.iter().all(|r| r.node != "n1")
+    })
+    .await;
+    f.cluster.nodes[1].start();
+    f.wait(90, "exactly 5 containers after n1 returns", async || {
+        f.total_running() == 5 && running_healthy(&ps(&mut c0, "web").await) == 5
+    })
+    .await;
+
+    // Removing the service stops everything.
+    c0.remove_service("web").await.unwrap();
+    f.wait(60, "no containers left", async || f.total_running() == 0)
+        .await;
+    let err = c0.service_ps("web").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_services_are_refused_and_crash_loops_back_off() {
+    let Some(f) = start(1, "bad").await else {
+        return;
+    };
+    let v1 = web_image(&f.images, "v1", "v1\n").unwrap();
+    let mut c = f.client(0).await;
+    push_image(&mut c, &v1, "web:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    f.wait(30, "the node advertises containers", async || {
+        c.nodes()
+            .await
+            .map(|n| {
+                n.iter().any(|n| {
+                    n.labels.get("meshwork.containers").map(String::as_str) == Some("ready")
+                })
+            })
+            .unwrap_or(false)
+    })
+    .await;
+
+    let unknown = c
+        .create_service(create_request("web", "nope:1", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Some(tonic::Code::NotFound), "{unknown}");
+    assert!(unknown.to_string().contains("nope:1"));
+
+    let mut huge = create_request("web", "web:1", 1);
+    huge.cpu_millis = 64_000;
+    let err = c.create_service(huge).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    assert!(
+        err.to_string().contains("largest node, n0, has 2 CPU"),
+        "{err}"
+    );
+
+    for (bad, what) in [
+        (
+            pb::CreateServiceRequest {
+                name: "Bad_Name".into(),
+                ..create_request("x", "web:1", 1)
+            },
+            "service name",
+        ),
+        (
+            pb::CreateServiceRequest {
+                env: [("1X".to_string(), "v".to_string())].into_iter().collect(),
+                ..create_request("x", "web:1", 1)
+            },
+            "env name",
+        ),
+        (
+            pb::CreateServiceRequest {
+                port: 70000,
+                ..create_request("x", "web:1", 1)
+            },
+            "port",
+        ),
+    ] {
+        let err = c.create_service(bad).await.unwrap_err();
+        assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    let err = c.scale_service("absent", 2).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+
+    // A command that exits at once: a crash loop, visible, with a growing backoff.
+    let mut crash = create_request("crash", "web:1", 1);
+    crash.cmd = vec!["/bin/sh".into(), "-c".into(), "echo dying; exit 3".into()];
+    crash.health_http = String::new();
+    c.create_service(crash).await.unwrap();
+    f.wait(60, "the crash loop shows in ps", async || {
+        let p = ps(&mut c, "crash").await;
+        p.len() == 1 && p[0].restarts >= 2 && p[0].reason.contains("exited with code 3")
+    })
+    .await;
+    let p = ps(&mut c, "crash").await;
+    assert_eq!(p[0].state, "backoff", "{}", show(&p));
+    // The backoff doubles: after 2 restarts the wait is at least 4 s, so the count stays
+    // low (no busy loop) over the next seconds.
+    let restarts = p[0].restarts;
+    assert!(p[0].reason.contains("restarting in"), "{}", show(&p));
+    let wait: u64 = p[0]
+        .reason
+        .split("restarting in ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert!(wait >= 2, "backoff grows: {}", show(&p));
+    assert!(restarts < 6, "{}", show(&p));
+    let _ = BTreeMap::<u8, u8>::new();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_containerd_runs_no_services_but_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "secret");
+    let mut n = TestNode::new(dir.path(), "n0", &secret, vec![]);
+    n.extra_args = vec![
+        "--containerd-socket".into(),
+        dir.path().join("no-containerd.sock").display().to_string(),
+    ];
+    n.start();
+    let cluster = TestCluster {
+        dir,
+        nodes: vec![n],
+    };
+    cluster
+        .wait_states(0, &[("n0", "alive")], Duration::from_secs(60))
+        .await;
+    let mut c = cluster.nodes[0].client().await;
+    let tar = cluster.dir.path().join("v1.tar");
+    if let Some(img) = web_image(cluster.dir.path(), "v1", "v1\n") {
+        std::fs::rename(img, &tar).unwrap();
+    } else {
+        eprintln!("skipped: /bin/busybox missing");
+        return;
+    }
+    push_image(&mut c, &tar, "web:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    c.create_service(create_request("web", "web:1", 1))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the replica is pending with a reason",
+        || {
+            let mut c = c.clone();
+            async move {
+                let p = ps(&mut c, "web").await;
+                p.len() == 1 && p[0].state == "pending" && p[0].reason.contains("containerd")
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let nodes = c.nodes().await.unwrap();
+    assert!(!nodes[0].labels.contains_key("meshwork.containers"));
+    // The node still answers its other APIs.
+    let (status, _) = http_call(cluster.nodes[0].http, "GET", "/healthz", b"").await;
+    assert_eq!(status, 200);
+}
