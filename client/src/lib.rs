@@ -42,11 +42,19 @@ pub enum ClientError {
         reason: String,
     },
     /// The node answered with an error.
+    // Not `#[from]`: that would also make the status the error's source, and `{:#}` would
+    // print its message twice.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// Something failed on this side (reading or writing a file).
     #[error("{0}")]
     Local(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(status)
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -35,6 +34,67 @@ fn web_image(dir: &Path, name: &str, body: &str) -> Option<PathBuf> {
     )
     .unwrap();
     Some(tar)
+}
+
+/// (container id, pid) of the running tasks in a containerd namespace.
+fn running_pids(ns: &str) -> Vec<(String, u32)> {
+    let out = Command::new("ctr")
+        .args(["--namespace", ns, "task", "ls"])
+        .output()
+        .expect("ctr runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) == Some("RUNNING"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The container's process runs confined: no new privileges, a seccomp filter, no
+/// CAP_SYS_ADMIN or CAP_NET_RAW, the memory limit in its cgroup, `PORT` set, and the network
+/// namespace of meshd (here the test's own).
+fn check_confinement(ns: &str, memory: u64) {
+    let (id, pid) = running_pids(ns).into_iter().next().expect("a running task");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("Seccomp:"), "2", "seccomp filter mode: {status}");
+    let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    assert_eq!(bounding & (1 << 21), 0, "no CAP_SYS_ADMIN");
+    assert_eq!(bounding & (1 << 13), 0, "no CAP_NET_RAW");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(b"PORT=2")),
+        "PORT is set from the node's range"
+    );
+    let net = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_eq!(
+        net(&pid.to_string()),
+        net("self"),
+        "shares meshd's network namespace"
+    );
+    let limit = format!("/sys/fs/cgroup/memory/meshwork/{ns}/{id}/memory.limit_in_bytes");
+    match std::fs::read_to_string(&limit) {
+        Ok(v) => assert_eq!(v.trim().parse::<u64>().unwrap(), memory),
+        Err(_) => {
+            // cgroup v2: one unified hierarchy.
+            let v2 = format!("/sys/fs/cgroup/meshwork/{ns}/{id}/memory.max");
+            let v = std::fs::read_to_string(&v2).unwrap_or_else(|e| panic!("{v2}: {e}"));
+            assert_eq!(v.trim().parse::<u64>().unwrap(), memory);
+        }
+    }
 }
 
 /// Running tasks in a containerd namespace, by container id.
@@ -235,6 +295,7 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
     for ns in &f.namespaces {
         assert_eq!(running_tasks(ns).len(), 1, "spread: one per node");
     }
+    check_confinement(&f.namespaces[0], 32 << 20);
 
     // Kill a container behind meshd's back: it comes back, with a restart counted.
     let victim_ns = f.namespaces[1].clone();
@@ -474,7 +535,36 @@ async fn bad_services_are_refused_and_crash_loops_back_off() {
         .unwrap();
     assert!(wait >= 2, "backoff grows: {}", show(&p));
     assert!(restarts < 6, "{}", show(&p));
-    let _ = BTreeMap::<u8, u8>::new();
+
+    // An update whose new replica crash-loops is rolled back to the running template.
+    let mut roll = create_request("roll", "web:1", 1);
+    roll.health_http = String::new();
+    c.create_service(roll).await.unwrap();
+    f.wait(60, "roll runs", async || {
+        running_healthy(&ps(&mut c, "roll").await) == 1
+    })
+    .await;
+    let good = c.service("roll").await.unwrap();
+    c.update_service(pb::UpdateServiceRequest {
+        name: "roll".into(),
+        cmd: vec!["/bin/sh".into(), "-c".into(), "exit 7".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    f.wait(120, "the update is rolled back", async || {
+        let svc = c.service("roll").await.unwrap();
+        svc.rollout.starts_with("rolled back") && svc.cmd.is_empty()
+    })
+    .await;
+    f.wait(60, "the old template runs again", async || {
+        let svc = c.service("roll").await.unwrap();
+        running_healthy(&ps(&mut c, "roll").await) == 1 && svc.updated == 1
+    })
+    .await;
+    let svc = c.service("roll").await.unwrap();
+    assert!(svc.rollout.contains("restarted"), "{}", svc.rollout);
+    assert!(svc.generation > good.generation);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,4 +616,158 @@ async fn a_node_without_containerd_runs_no_services_but_keeps_serving() {
     // The node still answers its other APIs.
     let (status, _) = http_call(cluster.nodes[0].http, "GET", "/healthz", b"").await;
     assert_eq!(status, 200);
+}
+
+/// An image whose command answers an HTTP upgrade with 101 and then echoes every byte:
+/// what a WebSocket echo server looks like to a proxy.
+fn upgrade_echo_image(dir: &Path) -> Option<PathBuf> {
+    let busybox = std::fs::read("/bin/busybox").ok()?;
+    let tar = dir.join("ws.tar");
+    let script = b"#!/bin/sh\n\
+        while IFS= read -r line; do\n\
+          line=$(printf '%s' \"$line\" | tr -d '\\r')\n\
+          [ -z \"$line\" ] && break\n\
+        done\n\
+        printf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n'\n\
+        exec cat\n";
+    oci::write_oci_layout_tar(
+        &tar,
+        &[
+            ("bin/busybox", &busybox, 0o755),
+            ("bin/sh", &busybox, 0o755),
+            ("bin/tr", &busybox, 0o755),
+            ("bin/cat", &busybox, 0o755),
+            ("bin/ws.sh", script, 0o755),
+        ],
+        &[
+            "/bin/sh",
+            "-c",
+            "exec /bin/busybox nc -ll -p $PORT -e /bin/ws.sh",
+        ],
+    )
+    .unwrap();
+    Some(tar)
+}
+
+/// Sends an upgrade request through a gateway and returns the response head and the stream.
+async fn upgrade(port: u16, path: &str) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") && got.len() < 4096 {
+        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        got.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&got).into_owned(), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_the_gateway_and_health_commands_restart() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(f) = start(2, "ws").await else {
+        return;
+    };
+    let ws = upgrade_echo_image(&f.images).unwrap();
+    let web = web_image(&f.images, "web", "hi\n").unwrap();
+    let mut c = f.client(0).await;
+    push_image(&mut c, &ws, "ws:1", 2, |_, _| {}).await.unwrap();
+    push_image(&mut c, &web, "web:1", 2, |_, _| {})
+        .await
+        .unwrap();
+
+    // An upgrade through the gateway of the node that does not run the replica.
+    let mut req = create_request("echo", "ws:1", 1);
+    req.health_http = String::new();
+    c.create_service(req).await.unwrap();
+    f.wait(90, "the echo replica runs", async || {
+        running_healthy(&ps(&mut c, "echo").await) == 1
+    })
+    .await;
+    let host = ps(&mut c, "echo").await[0].node.clone();
+    let other = if host == "n0" { 1 } else { 0 };
+    let port = f.cluster.nodes[other].http;
+    for (path, websocket) in [("/plain", false), ("/ws", true)] {
+        c.add_route(pb::Route {
+            path: path.into(),
+            service: "echo".into(),
+            websocket,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    f.wait(30, "the route reached the other node", async || {
+        let (head, _) = upgrade(port, "/plain/").await;
+        head.starts_with("HTTP/1.1 400")
+    })
+    .await;
+    let (head, mut stream) = upgrade(port, "/ws/").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for message in [
+        &b"hello over the mesh\n"[..],
+        &[0x81, 0x02, b'h', b'i', b'\n'],
+    ] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
+            .await
+            .expect("echo within 10 s")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+
+    // A health command that starts failing restarts the container; the fresh task passes.
+    let mut req = create_request("checked", "web:1", 1);
+    req.health_http = String::new();
+    req.health_cmd = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "test ! -e /dev/shm/broken".into(),
+    ];
+    c.create_service(req).await.unwrap();
+    f.wait(90, "the checked replica is healthy", async || {
+        running_healthy(&ps(&mut c, "checked").await) == 1
+    })
+    .await;
+    let p = ps(&mut c, "checked").await;
+    let ns = &f.namespaces[if p[0].node == "n0" { 0 } else { 1 }];
+    let out = Command::new("ctr")
+        .args([
+            "--namespace",
+            ns,
+            "task",
+            "exec",
+            "--exec-id",
+            "break-it",
+            &p[0].container_id,
+            "/bin/sh",
+            "-c",
+            ": > /dev/shm/broken",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.wait(
+        60,
+        "the unhealthy replica restarted and is healthy again",
+        async || {
+            let p = ps(&mut c, "checked").await;
+            p.len() == 1 && p[0].restarts >= 1 && running_healthy(&p) == 1
+        },
+    )
+    .await;
 }

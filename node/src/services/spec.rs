@@ -67,7 +67,7 @@ pub const DENIED_SYSCALLS: &[&str] = &[
     "process_vm_readv", "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot",
     "request_key", "set_mempolicy", "setns", "settimeofday", "stime", "swapoff", "swapon",
     "sysfs", "_sysctl", "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat",
-    "vm86", "vm86old",
+    "vm86", "vm86old", "io_uring_setup", "io_uring_enter", "io_uring_register",
 ];
 
 /// Docker's masked paths: hidden behind an empty file or directory (host details, kernel
