@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
     self as pb, cluster_service_client::ClusterServiceClient,
-    function_service_client::FunctionServiceClient, registry_service_client::RegistryServiceClient,
-    route_service_client::RouteServiceClient, service_service_client::ServiceServiceClient,
-    state_service_client::StateServiceClient,
+    function_service_client::FunctionServiceClient, job_service_client::JobServiceClient,
+    registry_service_client::RegistryServiceClient, route_service_client::RouteServiceClient,
+    service_service_client::ServiceServiceClient, state_service_client::StateServiceClient,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -92,6 +92,7 @@ pub struct MeshClient {
     functions: FunctionServiceClient<Channel>,
     services: ServiceServiceClient<Channel>,
     routes: RouteServiceClient<Channel>,
+    jobs: JobServiceClient<Channel>,
 }
 
 impl MeshClient {
@@ -117,7 +118,8 @@ impl MeshClient {
                 .max_encoding_message_size(64 << 20),
             services: ServiceServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20),
-            routes: RouteServiceClient::new(channel),
+            routes: RouteServiceClient::new(channel.clone()),
+            jobs: JobServiceClient::new(channel).max_decoding_message_size(64 << 20),
         })
     }
 
@@ -588,6 +590,67 @@ impl MeshClient {
     }
 }
 
+impl MeshClient {
+    /// Submits a batch job (or an array job of `array` indices); it runs once its
+    /// dependencies succeeded and placement finds room.
+    pub async fn submit_job(
+        &mut self,
+        request: pb::SubmitJobRequest,
+    ) -> Result<pb::Job, ClientError> {
+        Ok(self.jobs.submit(request).await?.into_inner())
+    }
+
+    /// Jobs, newest first; a non-empty `state` (e.g. `RUNNING`) keeps only jobs in it.
+    pub async fn jobs(&mut self, state: &str) -> Result<Vec<pb::Job>, ClientError> {
+        Ok(self
+            .jobs
+            .list(pb::ListJobsRequest {
+                state: state.into(),
+            })
+            .await?
+            .into_inner()
+            .jobs)
+    }
+
+    /// One job, with every attempt of every index.
+    pub async fn job(&mut self, id: &str) -> Result<pb::Job, ClientError> {
+        Ok(self
+            .jobs
+            .get(pb::JobRef { id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Cancels a job: running attempts stop, and indices not finished end FAILED.
+    pub async fn cancel_job(&mut self, id: &str) -> Result<pb::Job, ClientError> {
+        Ok(self
+            .jobs
+            .cancel(pb::JobRef { id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Streams the output of one index of a job: its last attempt unless the request names
+    /// one, and with `follow`, new output as it comes.
+    pub async fn job_logs(
+        &mut self,
+        request: pb::JobLogsRequest,
+    ) -> Result<JobLogStream, ClientError> {
+        Ok(JobLogStream(self.jobs.logs(request).await?.into_inner()))
+    }
+}
+
+/// The log output of a job's attempt, chunk by chunk, from [`MeshClient::job_logs`].
+pub struct JobLogStream(tonic::Streaming<pb::JobLogChunk>);
+
+impl JobLogStream {
+    /// The next chunk, or `None` when the stream ends (without `follow`, once the output
+    /// so far was sent).
+    pub async fn next(&mut self) -> Result<Option<pb::JobLogChunk>, ClientError> {
+        Ok(self.0.message().await?)
+    }
+}
+
 /// The log output of a service, chunk by chunk, from [`MeshClient::service_logs`].
 pub struct ServiceLogStream(tonic::Streaming<pb::ServiceLogChunk>);
 
@@ -810,6 +873,60 @@ pub fn join_command(argv: &[String]) -> String {
     shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| format!("{argv:?}"))
 }
 
+/// The states a job (or one index of an array job) goes through, in order; a job ends
+/// SUCCEEDED or FAILED.
+pub const JOB_STATES: [&str; 7] = [
+    "SUBMITTED",
+    "PENDING",
+    "RUNNABLE",
+    "STARTING",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+];
+
+/// Parses a job state in any case (`running`, `Running`) into the uppercase name the API
+/// takes; anything not in [`JOB_STATES`] is an error listing them.
+pub fn parse_job_state(text: &str) -> Result<String, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    if JOB_STATES.contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(format!("expected one of {}", JOB_STATES.join(", ")))
+    }
+}
+
+/// Parses a comma-separated list of process exit codes, each an integer from 0 to 255
+/// (`137,143`; spaces around the commas are fine). Empty items and anything else are errors
+/// whose text says why.
+pub fn parse_exit_codes(text: &str) -> Result<Vec<i32>, String> {
+    if text.trim().is_empty() {
+        return Err("expected exit codes 0-255 separated by commas, like 137,143".into());
+    }
+    let mut codes = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(
+                "an empty item; expected exit codes separated by commas, like 137,143".into(),
+            );
+        }
+        if !item.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "{item:?} is not an exit code (an integer from 0 to 255)"
+            ));
+        }
+        let code: u8 = item
+            .parse()
+            .map_err(|_| format!("{item} is not an exit code: they go from 0 to 255"))?;
+        let code = i32::from(code);
+        if !codes.contains(&code) {
+            codes.push(code);
+        }
+    }
+    Ok(codes)
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1025,6 +1142,54 @@ mod tests {
         assert!(split_command("   ").unwrap_err().contains("empty"));
         let argv = split_command("sh -c 'echo \"$X\"'").unwrap();
         assert_eq!(split_command(&join_command(&argv)).unwrap(), argv);
+    }
+
+    #[test]
+    fn job_states_in_any_case() {
+        assert_eq!(parse_job_state("RUNNING").unwrap(), "RUNNING");
+        assert_eq!(parse_job_state("running").unwrap(), "RUNNING");
+        assert_eq!(parse_job_state(" Succeeded ").unwrap(), "SUCCEEDED");
+        for s in JOB_STATES {
+            assert_eq!(parse_job_state(&s.to_lowercase()).unwrap(), s);
+        }
+        for bad in ["", "runing", "DONE", "RUNNING,FAILED", "cancelled"] {
+            let e = parse_job_state(bad).unwrap_err();
+            assert!(
+                e.contains("SUBMITTED, PENDING, RUNNABLE, STARTING, RUNNING, SUCCEEDED, FAILED"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn exit_code_lists() {
+        assert_eq!(parse_exit_codes("137").unwrap(), [137]);
+        assert_eq!(parse_exit_codes("137,143").unwrap(), [137, 143]);
+        assert_eq!(parse_exit_codes(" 1 , 2,255 ").unwrap(), [1, 2, 255]);
+        assert_eq!(parse_exit_codes("0").unwrap(), [0]);
+        assert_eq!(parse_exit_codes("1,1,2").unwrap(), [1, 2]);
+        assert!(parse_exit_codes("256").unwrap_err().contains("0 to 255"));
+        assert!(
+            parse_exit_codes("99999999999")
+                .unwrap_err()
+                .contains("0 to 255")
+        );
+        for bad in ["-1", "+1", "x", "1;2", "1 2", "0x10", "1.0"] {
+            assert!(
+                parse_exit_codes(bad)
+                    .unwrap_err()
+                    .contains("is not an exit code"),
+                "{bad:?}"
+            );
+        }
+        for empty in ["", " ", "1,", ",1", "1,,2"] {
+            assert!(
+                parse_exit_codes(empty)
+                    .unwrap_err()
+                    .contains("separated by commas"),
+                "{empty:?}"
+            );
+        }
     }
 
     #[test]

@@ -349,3 +349,183 @@ fn service_and_route_help_lists_the_subcommands() {
         );
     }
 }
+
+#[test]
+fn job_flags_are_checked_before_connecting() {
+    // Nothing listens here: a flag error must come first, and say which flag.
+    let ep = format!("http://127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("task.wasm");
+    std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+    let wasm = wasm.to_str().unwrap();
+    let missing = dir.path().join("missing.wasm");
+    let missing = missing.to_str().unwrap();
+    let submit = ["job", "submit", "--name", "render"];
+    let image = [&submit[..], &["--image", "app:1.0"]].concat();
+    fn with<'a>(base: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
+        [base, more].concat()
+    }
+    for (args, expected) in [
+        (
+            with(&image, &["--array", "0"]),
+            "--array 0: an array job has 2 or more indices; use 2 or more, or leave it out",
+        ),
+        (
+            with(&image, &["--retries", "3", "--retry-on-exit", "137,x"]),
+            "--retry-on-exit \"137,x\": \"x\" is not an exit code",
+        ),
+        (
+            with(&image, &["--retries", "3", "--retry-on-exit", "256"]),
+            "--retry-on-exit \"256\": 256 is not an exit code: they go from 0 to 255",
+        ),
+        (
+            with(&image, &["--retries", "3", "--retry-on-exit", "137,,143"]),
+            "--retry-on-exit \"137,,143\": an empty item",
+        ),
+        (
+            with(&image, &["--retry-on-exit", "137"]),
+            "without --retries",
+        ),
+        (
+            with(&image, &["--timeout", "forever"]),
+            "--timeout \"forever\": expected a duration",
+        ),
+        (
+            with(&image, &["--timeout", "0s"]),
+            "--timeout \"0s\": must be more than 0",
+        ),
+        (
+            with(&image, &["--cpu", "0"]),
+            "--cpu \"0\": must be more than 0",
+        ),
+        (with(&image, &["--memory", "lots"]), "--memory \"lots\""),
+        (with(&image, &["--env", "1X=a"]), "--env \"1X=a\""),
+        (
+            with(&image, &["--cmd", "render 'x"]),
+            "--cmd \"render 'x\": an unbalanced quote",
+        ),
+        (
+            vec!["job", "ls", "--state", "runing"],
+            "--state \"runing\": expected one of SUBMITTED, PENDING, RUNNABLE, STARTING, RUNNING, SUCCEEDED, FAILED",
+        ),
+    ] {
+        let out = meshctl(&ep, &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("cannot reach"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // A module that cannot be read fails before connecting too.
+    let out = meshctl(&ep, &[&submit[..], &["--wasm", missing]].concat());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("opening {missing}")),
+        "{}",
+        text(&out.stderr)
+    );
+    // Good flags get as far as connecting, in any case of --state.
+    for args in [
+        with(
+            &image,
+            &[
+                "--cmd",
+                "render --frame '$MESH_JOB_INDEX'",
+                "--cpu",
+                "1",
+                "--memory",
+                "512Mi",
+                "--array",
+                "100",
+                "--retries",
+                "3",
+                "--retry-on-exit",
+                "137,143",
+                "--depends-on",
+                "j-1",
+                "--depends-on",
+                "j-2",
+                "--timeout",
+                "2h",
+                "--env",
+                "A=1",
+                "--priority",
+                "-1",
+            ],
+        ),
+        [&submit[..], &["--wasm", wasm, "--args", "1000000"]].concat(),
+        [&submit[..], &["--wasm", wasm, "--cmd", "1000000"]].concat(),
+        vec!["job", "ls", "--state", "Running"],
+        vec!["job", "show", "j-1"],
+        vec!["job", "logs", "j-1", "--index", "3", "--attempt", "2", "-f"],
+        vec!["job", "cancel", "j-1"],
+    ] {
+        let out = meshctl(&ep, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("cannot reach a node"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Usage errors are clap's: exit 2.
+    for args in [
+        submit.to_vec(),
+        vec!["job", "submit", "--image", "app:1.0"],
+        with(&image, &["--wasm", wasm]),
+        with(&image, &["--args", "1"]),
+        [&submit[..], &["--wasm", wasm, "--args", "1", "--cmd", "2"]].concat(),
+        with(&image, &["--array", "-1"]),
+        with(&image, &["--retries", "many"]),
+        vec!["job", "logs", "j-1", "--attempt", "0"],
+        vec!["job", "show"],
+        vec!["job", "cancel"],
+    ] {
+        assert_eq!(meshctl(&ep, &args).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn job_help_lists_the_subcommands() {
+    let help = |args: &[&str]| {
+        let out = Command::new(MESHCTL).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        text(&out.stdout)
+    };
+    let job = help(&["job", "--help"]);
+    for sub in ["submit", "ls", "show", "logs", "cancel"] {
+        assert!(
+            job.lines().any(|l| l.trim_start().starts_with(sub)),
+            "{sub}: {job}"
+        );
+    }
+    let submit = help(&["job", "submit", "--help"]);
+    for flag in [
+        "--name",
+        "--image",
+        "--wasm",
+        "--cmd",
+        "--args",
+        "--cpu",
+        "--memory",
+        "--array",
+        "--retries",
+        "--retry-on-exit",
+        "--depends-on",
+        "--timeout",
+        "--env",
+        "--priority",
+        "--json",
+    ] {
+        assert!(submit.contains(flag), "{flag}: {submit}");
+    }
+    let logs = help(&["job", "logs", "--help"]);
+    for flag in ["--index", "--attempt", "--follow"] {
+        assert!(logs.contains(flag), "{flag}: {logs}");
+    }
+    let top = help(&["--help"]);
+    assert!(
+        top.lines().any(|l| l.trim_start().starts_with("job")),
+        "{top}"
+    );
+}

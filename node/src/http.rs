@@ -132,6 +132,7 @@ async fn call_function(state: &AppState, name: &str, rest: String, request: Requ
         body: body.to_vec(),
         env: Default::default(),
         args: vec![],
+        raw_output: false,
     };
     match state.functions.invoke(name, cgi).await {
         Ok(resp) => {

@@ -6,6 +6,7 @@
 //! [`http`]). See docs/ARCHITECTURE.md for how they fit.
 
 pub mod admission;
+pub mod batch;
 pub mod blobs;
 pub mod capacity;
 pub mod config;

@@ -259,7 +259,20 @@ impl Node {
             vec![
                 Functions::workload_source(registry.clone()),
                 Services::workload_source(registry.clone()),
+                crate::batch::Batch::workload_source(),
             ],
+        );
+        let job_logs = config.data_dir.join("job-logs");
+        let batch = crate::batch::Batch::new(state.clone(), registry.clone(), job_logs.clone());
+        let executor = crate::batch::executor::Executor::new(
+            state.clone(),
+            registry.clone(),
+            functions.clone(),
+            triggers.clone(),
+            job_logs,
+            config.data_dir.join("job-scratch"),
+            config.containerd_socket.clone(),
+            config.containerd_namespace.clone(),
         );
         let log_dir = config.data_dir.join("container-logs");
         let services = Services::new(state.clone(), registry.clone(), log_dir.clone());
@@ -294,6 +307,7 @@ impl Node {
         tasks.spawn(functions.clone().run_background(shutdown_rx.clone()));
         tasks.spawn(triggers.clone().run(shutdown_rx.clone()));
         tasks.spawn(supervisor.run(shutdown_rx.clone()));
+        tasks.spawn(executor.run(shutdown_rx.clone()));
         let subsystems = crate::grpc::Subsystems {
             node: state.clone(),
             registry: registry.clone(),
@@ -305,6 +319,7 @@ impl Node {
                 namespace: config.containerd_namespace.clone(),
             },
             services,
+            batch,
         };
         tasks.spawn(crate::grpc::serve(
             grpc_listener,

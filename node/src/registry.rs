@@ -222,6 +222,8 @@ pub struct Registry {
     node: Arc<NodeState>,
     store: Arc<BlobStore>,
     control: libp2p_stream::Control,
+    /// One pull per blob at a time on this node: concurrent callers wait for it.
+    pulls: std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Registry {
@@ -235,6 +237,7 @@ impl Registry {
             node,
             store,
             control,
+            pulls: Default::default(),
         }
     }
 
@@ -398,6 +401,14 @@ impl Registry {
         let meta = self
             .blob_meta(hash)?
             .ok_or(RegistryError::UnknownBlob(*hash))?;
+        let gate = self
+            .pulls
+            .lock()
+            .expect("pulls lock")
+            .entry(*hash)
+            .or_default()
+            .clone();
+        let _pulling = gate.lock().await;
         if !self.store.has(hash) {
             let expected = Expected {
                 hash: *hash,

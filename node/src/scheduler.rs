@@ -89,13 +89,15 @@ impl Scheduler {
             .collect()
     }
 
-    /// The live nodes as placement sees them.
+    /// The live nodes as placement sees them: alive or suspect. A suspect member (a missed
+    /// heartbeat or two) keeps its claims; only a dead one loses them, so a short hiccup
+    /// does not move replicas (and start duplicates next to ones still running).
     pub fn live_nodes(node: &NodeState) -> Vec<NodeCapacity> {
         let table = node.membership.read().expect("membership lock");
         table
             .members()
             .into_iter()
-            .filter(|m| m.state == MemberState::Alive)
+            .filter(|m| m.state != MemberState::Dead)
             .map(|m| NodeCapacity {
                 node: m.heartbeat.peer_id.clone(),
                 cpu_millis: m.heartbeat.total.cpu_millis,
@@ -177,7 +179,15 @@ impl Scheduler {
     }
 
     /// Updates the node's fencing verdict from its current view of the membership.
+    ///
+    /// Known members are those in the membership table plus the owners of claims: a node
+    /// restarting from its data dir has heard from nobody yet, but its claims say who else
+    /// exists, so it does not mistake itself for a majority and act on stale claims.
     fn observe_quorum(&self) -> Verdict {
+        let owners: std::collections::BTreeSet<String> = Self::claims(&self.node)
+            .into_iter()
+            .map(|c| c.node)
+            .collect();
         let (live, known) = {
             let table = self.node.membership.read().expect("membership lock");
             let members = table.members();
@@ -185,7 +195,14 @@ impl Scheduler {
                 .iter()
                 .filter(|m| m.state == MemberState::Alive)
                 .count();
-            (live.max(1), members.len().max(1))
+            let mut known: std::collections::BTreeSet<&str> = owners
+                .iter()
+                .map(String::as_str)
+                .chain(members.iter().map(|m| m.heartbeat.peer_id.as_str()))
+                .collect();
+            let me = self.node.peer_id.to_string();
+            known.insert(&me);
+            (live.max(1), known.len())
         };
         let verdict = self.quorum.lock().expect("quorum lock").observe(
             std::time::Instant::now(),

@@ -468,6 +468,22 @@ impl Functions {
         Ok((loaded, true))
     }
 
+    /// Runs a module (a blob in the registry) once on this node, outside any function: for
+    /// batch jobs. Fetches and compiles it as a function's module would be; keeps no stats.
+    pub async fn run_module(
+        &self,
+        module: &Hash,
+        request: CgiRequest,
+        limits: Limits,
+    ) -> Result<CgiResponse, FunctionError> {
+        let (module, _) = self.load(module).await?;
+        let runtime = self.runtime()?;
+        let result = tokio::task::spawn_blocking(move || runtime.invoke(&module, request, &limits))
+            .await
+            .expect("invoke task");
+        Ok(result?)
+    }
+
     fn runtime(&self) -> Result<Arc<FunctionRuntime>, FunctionError> {
         if let Some(r) = self.runtime.get() {
             return Ok(r.clone());

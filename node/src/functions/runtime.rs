@@ -253,6 +253,9 @@ pub struct CgiRequest {
     pub env: BTreeMap<String, String>,
     /// Extra command-line arguments from the deployment (after `argv[0]`).
     pub args: Vec<String>,
+    /// Hand back standard output as the body, unparsed (batch jobs are commands, not CGI).
+    #[serde(default)]
+    pub raw_output: bool,
 }
 
 /// A function's response, parsed from its standard output.
@@ -621,6 +624,7 @@ impl FunctionRuntime {
         limits: &Limits,
     ) -> Result<CgiResponse, InvokeError> {
         let started = Instant::now();
+        let raw_output = req.raw_output;
         let env = cgi_environment(&req);
         for (key, value) in &env {
             if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
@@ -693,7 +697,11 @@ impl FunctionRuntime {
                 limit: MAX_STDOUT_BYTES,
             });
         }
-        let (status, headers, body) = parse_cgi_output(stdout.contents())?;
+        let (status, headers, body) = if raw_output {
+            (200, Vec::new(), stdout.contents())
+        } else {
+            parse_cgi_output(stdout.contents())?
+        };
         Ok(CgiResponse {
             status,
             headers,
@@ -2182,6 +2190,7 @@ mod tests {
                 ("GREETING".to_owned(), "hi".to_owned()),
             ]),
             args: Vec::new(),
+            raw_output: false,
         };
         let env = cgi_environment(&req);
         let get = |key: &str| env.get(key).map(String::as_str);

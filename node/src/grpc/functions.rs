@@ -127,6 +127,7 @@ impl FunctionService for FunctionApi {
             body: r.body,
             env: Default::default(),
             args: vec![],
+            raw_output: false,
         };
         match self.functions.invoke(&r.name, request).await {
             Ok(resp) => Ok(Response::new(pb::InvokeResponse {

@@ -25,6 +25,7 @@ use crate::node::NodeState;
 use crate::registry::Registry;
 
 mod functions;
+mod jobs;
 mod registry;
 mod services;
 
@@ -66,6 +67,8 @@ pub struct Subsystems {
     pub containerd: ContainerdTarget,
     /// Container services.
     pub services: Arc<crate::services::Services>,
+    /// Batch jobs.
+    pub batch: Arc<crate::batch::Batch>,
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -82,6 +85,7 @@ pub async fn serve(
         gc_grace,
         containerd,
         services,
+        batch,
     } = subsystems;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -117,6 +121,10 @@ pub async fn serve(
                 services::ServiceApi { services },
             )
             .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            meshwork_proto::v1::job_service_server::JobServiceServer::new(jobs::JobApi { batch })
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             meshwork_proto::v1::route_service_server::RouteServiceServer::new(services::RouteApi {

@@ -861,7 +861,7 @@ impl Services {
 }
 
 /// Reads one piece of a local container log.
-fn read_log(dir: &std::path::Path, read: &LogRead) -> Result<LogPiece, String> {
+pub(crate) fn read_log(dir: &std::path::Path, read: &LogRead) -> Result<LogPiece, String> {
     let ok = !read.container.is_empty()
         && read
             .container

@@ -162,10 +162,15 @@ impl ContainerRuntime {
 
     /// Every container in the namespace that carries Meshwork's service label.
     pub async fn list(&self) -> Result<Vec<FoundContainer>, RuntimeError> {
+        self.list_with_label(LABEL_SERVICE).await
+    }
+
+    /// Every container in the namespace that carries `label`.
+    pub async fn list_with_label(&self, label: &str) -> Result<Vec<FoundContainer>, RuntimeError> {
         let mut client = ContainersClient::new(self.containerd.channel());
         let response = client
             .list(self.containerd.request(ListContainersRequest {
-                filters: vec![format!("labels.\"{LABEL_SERVICE}\"")],
+                filters: vec![format!("labels.\"{label}\"")],
             }))
             .await
             .map_err(|s| call_error("list containers", "*", &s))?;
@@ -363,6 +368,16 @@ impl ContainerRuntime {
 
     /// Stops (with a short grace) and removes the container, its snapshot and its log.
     pub async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.remove_keeping_log(id).await?;
+        let log = self.log_path(id);
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(log.with_extension("log.1"));
+        Ok(())
+    }
+
+    /// Stops (with a short grace) and removes the container and its snapshot; its log stays
+    /// (batch jobs keep theirs after they end).
+    pub async fn remove_keeping_log(&self, id: &str) -> Result<(), RuntimeError> {
         self.stop(id, Duration::from_secs(5)).await?;
         match ContainersClient::new(self.containerd.channel())
             .delete(
@@ -386,9 +401,6 @@ impl ContainerRuntime {
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => return Err(call_error("remove snapshot", id, &s)),
         }
-        let log = self.log_path(id);
-        let _ = std::fs::remove_file(&log);
-        let _ = std::fs::remove_file(log.with_extension("log.1"));
         Ok(())
     }
 

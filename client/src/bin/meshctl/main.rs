@@ -4,13 +4,14 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use meshwork_client::{MeshClient, UploadOptions, human_bytes, human_cpu, table};
 
+mod jobs;
 mod services;
 
 #[derive(Parser)]
@@ -70,6 +71,10 @@ enum Command {
     /// service.
     #[command(subcommand)]
     Route(services::RouteCmd),
+    /// Batch jobs: an image or a Wasm module run to completion, once or as an array, with
+    /// retries, dependencies and a time limit.
+    #[command(subcommand)]
+    Job(jobs::JobCmd),
 }
 
 #[derive(Subcommand)]
@@ -239,11 +244,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Service(cmd) => return services::service(&cli.endpoint, cmd).await,
         Command::Logs(args) => return services::logs(&cli.endpoint, args).await,
         Command::Route(cmd) => return services::route(&cli.endpoint, cmd).await,
+        Command::Job(cmd) => return jobs::job(&cli.endpoint, cmd).await,
         other => other,
     };
     let mut client = MeshClient::connect(&cli.endpoint).await?;
     match command {
-        Command::Secret(_) | Command::Service(_) | Command::Logs(_) | Command::Route(_) => {
+        Command::Secret(_)
+        | Command::Service(_)
+        | Command::Logs(_)
+        | Command::Route(_)
+        | Command::Job(_) => {
             unreachable!("handled above")
         }
         Command::Nodes { json } => {
@@ -414,6 +424,31 @@ fn parse_labels<C: FromIterator<(String, String)>>(
             Ok((k.to_string(), v.to_string()))
         })
         .collect()
+}
+
+/// Opens a Wasm module to upload, saying which file when it cannot.
+fn open_module(path: &Path) -> anyhow::Result<std::fs::File> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if !f.metadata()?.is_file() {
+        anyhow::bail!("{} is not a file", path.display());
+    }
+    Ok(f)
+}
+
+/// Uploads a Wasm module (pinned, so garbage collection keeps it) and returns its blake3
+/// hex, the name functions and jobs refer to it by.
+async fn upload_module(client: &mut MeshClient, file: std::fs::File) -> anyhow::Result<String> {
+    let info = client
+        .put_blob(
+            file,
+            UploadOptions {
+                pinned: true,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await?;
+    Ok(info.blake3)
 }
 
 /// A byte progress bar on stderr (hidden when stderr is not a terminal).
@@ -694,22 +729,12 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
                 format!("--timeout {timeout:?}: expected a duration like 5s or 500ms")
             })?;
             let env = parse_env(&env)?;
-            let f = std::fs::File::open(&module)
-                .with_context(|| format!("opening {}", module.display()))?;
-            let info = client
-                .put_blob(
-                    f,
-                    UploadOptions {
-                        pinned: true,
-                        ..Default::default()
-                    },
-                    |_| {},
-                )
-                .await?;
+            let f = open_module(&module)?;
+            let module = upload_module(client, f).await?;
             let deployed = client
                 .deploy_function(DeployFunctionRequest {
                     name,
-                    module: info.blake3,
+                    module,
                     memory_bytes,
                     timeout_ms: timeout.as_millis() as u64,
                     env,

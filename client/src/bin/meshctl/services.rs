@@ -142,26 +142,26 @@ pub enum RouteCmd {
     Rm { path: String },
 }
 
-fn cpu_flag(text: &str) -> anyhow::Result<u64> {
+pub(crate) fn cpu_flag(text: &str) -> anyhow::Result<u64> {
     parse_cpu(text).map_err(|e| anyhow::anyhow!("--cpu {text:?}: {e}"))
 }
 
-fn memory_flag(text: &str) -> anyhow::Result<u64> {
+pub(crate) fn memory_flag(text: &str) -> anyhow::Result<u64> {
     parse_bytes(text).with_context(|| format!("--memory {text:?}: expected bytes like 64Mi"))
 }
 
-fn command_flag(flag: &str, text: Option<&str>) -> anyhow::Result<Vec<String>> {
+pub(crate) fn command_flag(flag: &str, text: Option<&str>) -> anyhow::Result<Vec<String>> {
     match text {
         None => Ok(Vec::new()),
         Some(t) => split_command(t).map_err(|e| anyhow::anyhow!("{flag} {t:?}: {e}")),
     }
 }
 
-fn or_dash(s: &str) -> String {
+pub(crate) fn or_dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
 
-fn pairs(map: &std::collections::HashMap<String, String>) -> String {
+pub(crate) fn pairs(map: &std::collections::HashMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = map.iter().collect();
     let text: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if text.is_empty() {
@@ -446,21 +446,28 @@ pub async fn logs(endpoint: &str, args: LogsArgs) -> anyhow::Result<()> {
         })
         .await?;
     let mut lines = LogPrefixer::new(&args.name, prefix);
-    let write = |bytes: &[u8]| -> std::io::Result<()> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(bytes)?;
-        out.flush()
-    };
     let result: anyhow::Result<()> = async {
         while let Some(chunk) = stream.next().await? {
-            write(&lines.push(chunk.replica, &chunk.data))?;
+            write_stdout(&lines.push(chunk.replica, &chunk.data))?;
         }
-        write(&lines.finish())?;
+        write_stdout(&lines.finish())?;
         Ok(())
     }
     .await;
+    closed_pipe_is_fine(result)
+}
+
+/// Writes log output to stdout now (not when a line ends).
+pub(crate) fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()
+}
+
+/// The result of printing logs: `meshctl logs web | head` closes the pipe, which ends the
+/// command, not an error.
+pub(crate) fn closed_pipe_is_fine(result: anyhow::Result<()>) -> anyhow::Result<()> {
     match result {
-        // `meshctl logs web | head` closes the pipe: that ends the command, not an error.
         Err(e)
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
