@@ -155,7 +155,12 @@ async fn arrays_spread_and_survive_a_lost_node() {
     let module = upload_task(&mut c).await;
 
     // 20 indices over 3 nodes: exactly 20 SUCCEEDED, each once, on more than one node.
-    let mut req = wasm_job("sum", &module, &["--sum", "1000000"]);
+    // `$MESH_JOB_INDEX` in the arguments is the index (the module refuses a non-number).
+    let mut req = wasm_job(
+        "sum",
+        &module,
+        &["--sleep-ms", "$MESH_JOB_INDEX", "--sum", "1000000"],
+    );
     req.array = 20;
     let id = c.submit_job(req).await.unwrap().id;
     m.wait(120, "the array ends", async || ended(&mut c, &id).await)

@@ -8,6 +8,7 @@
 //! - a container job through containerd, like a service replica, with `MESH_JOB_ID`,
 //!   `MESH_JOB_INDEX`, `MESH_JOB_ATTEMPT` in its environment and a scratch directory of its
 //!   own on the node's disk bind-mounted at `/scratch` (`MESH_SCRATCH`), removed afterwards;
+//!   `$MESH_JOB_*` references in the command are replaced by their values (no shell needed);
 //! - a Wasm job in Wasmer as a WASI command (arguments, environment, raw stdout), with no
 //!   file system (WASI jobs get no scratch directory).
 //!
@@ -420,6 +421,29 @@ fn job_env(spec: &JobSpec, index: u32, number: u32) -> Vec<(String, String)> {
     env
 }
 
+/// The command with `$MESH_JOB_*` / `${MESH_JOB_*}` references replaced by their values, so
+/// `--cmd 'render --frame $MESH_JOB_INDEX'` works without a shell (only these variables are
+/// expanded; any other `$` stays as it is).
+fn expand_args(cmd: &[String], env: &[(String, String)]) -> Vec<String> {
+    let mut vars: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("MESH_JOB_"))
+        .collect();
+    // Longest names first, so $MESH_JOB_ID does not eat the start of a longer name.
+    vars.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+    cmd.iter()
+        .map(|arg| {
+            let mut out = arg.clone();
+            for (k, v) in &vars {
+                out = out
+                    .replace(&format!("${{{k}}}"), v)
+                    .replace(&format!("${k}"), v);
+            }
+            out
+        })
+        .collect()
+}
+
 /// A failure after the process ran.
 fn failed(reason: impl Into<String>) -> Option<Outcome> {
     Some(Outcome {
@@ -486,7 +510,7 @@ async fn run_container(
     let built = crate::services::spec::runtime_spec(&ContainerSpecInput {
         hostname: spec.name.clone(),
         image: config,
-        cmd_override: spec.cmd.clone(),
+        cmd_override: expand_args(&spec.cmd, &env),
         env,
         cpu_millis: spec.cpu_millis,
         memory_bytes: spec.memory_bytes,
@@ -596,10 +620,11 @@ async fn run_wasm(
 ) -> Option<Outcome> {
     attempt.state = AttemptState::Running;
     write_attempt(&ctx.node, &spec.id, index, attempt);
+    let env = job_env(spec, index, attempt.number);
     let request = CgiRequest {
         method: "GET".into(),
-        args: spec.cmd.clone(),
-        env: job_env(spec, index, attempt.number).into_iter().collect(),
+        args: expand_args(&spec.cmd, &env),
+        env: env.into_iter().collect(),
         raw_output: true,
         ..Default::default()
     };
@@ -708,6 +733,28 @@ fn cleanup_logs(dir: &std::path::Path, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_variables_are_expanded_in_the_command() {
+        let env = vec![
+            ("MESH_JOB_INDEX".to_string(), "7".to_string()),
+            ("MESH_JOB_ID".to_string(), "abc".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let cmd: Vec<String> = [
+            "render",
+            "--frame",
+            "$MESH_JOB_INDEX",
+            "${MESH_JOB_ID}-$OTHER $5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            expand_args(&cmd, &env),
+            vec!["render", "--frame", "7", "abc-$OTHER $5"]
+        );
+    }
 
     #[test]
     fn cleanup_keeps_the_newest_logs() {
