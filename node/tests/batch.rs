@@ -507,3 +507,39 @@ async fn container_jobs_run_with_scratch_space_and_can_be_cancelled() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_is_fifo_within_a_priority_and_waits_for_capacity() {
+    let m = start(1, "fifo").await;
+    let mut c = m.client(0).await;
+    let module = upload_task(&mut c).await;
+    // Each job takes the whole node (2 CPUs): one runs at a time, the rest wait RUNNABLE.
+    let submit = async |c: &mut MeshClient, name: &str, priority: i32| {
+        let mut req = wasm_job(name, &module, &["--sleep-ms", "700"]);
+        req.cpu_millis = 2000;
+        req.priority = priority;
+        c.submit_job(req).await.unwrap().id
+    };
+    let a = submit(&mut c, "a", 0).await;
+    m.wait(60, "a runs", async || {
+        job(&mut c, &a).await.state == "RUNNING"
+    })
+    .await;
+    let b = submit(&mut c, "b", 0).await;
+    let cc = submit(&mut c, "c", 0).await;
+    let urgent = submit(&mut c, "urgent", 10).await;
+    assert_eq!(job(&mut c, &b).await.state, "RUNNABLE");
+    for id in [&a, &b, &cc, &urgent] {
+        m.wait(120, "the job ends", async || ended(&mut c, id).await)
+            .await;
+    }
+    let mut started = Vec::new();
+    for (name, id) in [("a", &a), ("b", &b), ("c", &cc), ("urgent", &urgent)] {
+        let j = job(&mut c, id).await;
+        assert_eq!(j.state, "SUCCEEDED");
+        started.push((j.indices[0].attempts[0].started_ms, name));
+    }
+    started.sort();
+    let order: Vec<&str> = started.iter().map(|(_, n)| *n).collect();
+    assert_eq!(order, vec!["a", "urgent", "b", "c"]);
+}
