@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestCluster, TestNode, http_call, wait_until, write_secret};
+use common::{Mesh, TestCluster, TestNode, http_call, wait_until, write_secret};
 use meshwork_client::{MeshClient, oci, push_image};
 use meshwork_proto::v1 as pb;
 
-const SOCKET: &str = "/run/containerd/containerd.sock";
+const SOCKET: &str = common::CONTAINERD_SOCKET;
 
 /// An OCI image whose command serves `/www` with busybox httpd on `$PORT`, after printing a
 /// line to stdout; `/www/index.html` says `body`.
@@ -111,81 +111,9 @@ fn running_tasks(ns: &str) -> Vec<String> {
         .collect()
 }
 
-fn remove_namespace(ns: &str) {
-    let ctr = |args: &[&str]| {
-        Command::new("ctr")
-            .args(["--namespace", ns])
-            .args(args)
-            .output()
-    };
-    if let Ok(out) = ctr(&["container", "ls", "-q"]) {
-        for id in String::from_utf8_lossy(&out.stdout).lines() {
-            let _ = ctr(&["task", "kill", "-s", "SIGKILL", id]);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        for id in String::from_utf8_lossy(&out.stdout).lines() {
-            let _ = ctr(&["task", "delete", "-f", id]);
-            let _ = ctr(&["container", "delete", id]);
-        }
-    }
-    if let Ok(out) = ctr(&["image", "ls", "-q"]) {
-        for name in String::from_utf8_lossy(&out.stdout).lines() {
-            let _ = ctr(&["image", "rm", name]);
-        }
-    }
-    let _ = Command::new("ctr").args(["namespace", "rm", ns]).output();
-}
-
-struct Fixture {
-    cluster: TestCluster,
-    namespaces: Vec<String>,
-    images: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for n in &mut self.cluster.nodes {
-            n.kill9();
-        }
-        for ns in &self.namespaces {
-            remove_namespace(ns);
-        }
-    }
-}
-
-impl Fixture {
-    fn total_running(&self) -> usize {
-        self.namespaces
-            .iter()
-            .map(|ns| running_tasks(ns).len())
-            .sum()
-    }
-
-    async fn client(&self, i: usize) -> MeshClient {
-        self.cluster.nodes[i].client().await
-    }
-
-    /// Polls `cond` every 200 ms until it holds; fails with every node's log after `within`.
-    async fn wait(&self, within: u64, what: &str, mut cond: impl AsyncFnMut() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(within);
-        loop {
-            if cond().await {
-                return;
-            }
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "timed out after {within} s waiting until {what}\n{}",
-                    self.cluster.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// Starts `n` nodes in fresh containerd namespaces; `None` when containerd or busybox is
-/// missing.
-async fn start(n: usize, tag: &str) -> Option<Fixture> {
+/// A mesh with a directory for the images the test builds; `None` when containerd or busybox
+/// is missing.
+async fn start(n: usize, tag: &str) -> Option<(Mesh, PathBuf)> {
     if !Path::new(SOCKET).exists() {
         eprintln!("skipped: containerd not running at {SOCKET}");
         return None;
@@ -194,40 +122,14 @@ async fn start(n: usize, tag: &str) -> Option<Fixture> {
         eprintln!("skipped: /bin/busybox missing (apt-get install busybox-static)");
         return None;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secret = write_secret(dir.path(), "secret");
-    let images = dir.path().join("images");
+    let mesh = Mesh::start(n, tag).await;
+    let images = mesh.cluster.dir.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    let mut nodes: Vec<TestNode> = Vec::new();
-    let mut namespaces = Vec::new();
-    for i in 0..n {
-        let join = nodes.first().map(|n0| vec![n0.p2p]).unwrap_or_default();
-        let mut node = TestNode::new(dir.path(), &format!("n{i}"), &secret, join);
-        let ns = format!("mw-{tag}-{}-{i}", std::process::id());
-        node.extra_args = vec![
-            "--containerd-namespace".into(),
-            ns.clone(),
-            "--cpu".into(),
-            "2".into(),
-            "--memory".into(),
-            "1Gi".into(),
-        ];
-        node.start();
-        nodes.push(node);
-        namespaces.push(ns);
-    }
-    let fixture = Fixture {
-        cluster: TestCluster { dir, nodes },
-        namespaces,
-        images,
-    };
-    let expect: Vec<(String, &str)> = (0..n).map(|i| (format!("n{i}"), "alive")).collect();
-    let expect: Vec<(&str, &str)> = expect.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-    fixture
-        .cluster
-        .wait_states(0, &expect, Duration::from_secs(60))
-        .await;
-    Some(fixture)
+    Some((mesh, images))
+}
+
+fn total_running(m: &Mesh) -> usize {
+    m.namespaces.iter().map(|ns| running_tasks(ns).len()).sum()
 }
 
 fn create_request(name: &str, image: &str, replicas: u32) -> pb::CreateServiceRequest {
@@ -267,11 +169,11 @@ fn show(ps: &[pb::ServiceReplica]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
-    let Some(mut f) = start(3, "svc").await else {
+    let Some((mut f, images)) = start(3, "svc").await else {
         return;
     };
-    let v1 = web_image(&f.images, "v1", "hello from v1\n").unwrap();
-    let v2 = web_image(&f.images, "v2", "hello from v2\n").unwrap();
+    let v1 = web_image(&images, "v1", "hello from v1\n").unwrap();
+    let v2 = web_image(&images, "v2", "hello from v2\n").unwrap();
     let mut c0 = f.client(0).await;
     push_image(&mut c0, &v1, "web:1", 2, |_, _| {})
         .await
@@ -289,7 +191,7 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
     })
     .await;
     f.wait(10, "containerd runs 3 tasks", async || {
-        f.total_running() == 3
+        total_running(&f) == 3
     })
     .await;
     for ns in &f.namespaces {
@@ -322,12 +224,12 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
         running_healthy(&p) == 3 && p.iter().any(|r| r.restarts >= 1)
     })
     .await;
-    assert_eq!(f.total_running(), 3);
+    assert_eq!(total_running(&f), 3);
 
     // A route on every node; a request through a node that runs no replica reaches one.
     c0.scale_service("web", 1).await.unwrap();
     f.wait(60, "one replica left", async || {
-        running_healthy(&ps(&mut c0, "web").await) == 1 && f.total_running() == 1
+        running_healthy(&ps(&mut c0, "web").await) == 1 && total_running(&f) == 1
     })
     .await;
     c0.add_route(pb::Route {
@@ -373,7 +275,7 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
     // Scale out to 5: two nodes run two.
     c0.scale_service("web", 5).await.unwrap();
     f.wait(120, "5 healthy replicas", async || {
-        running_healthy(&ps(&mut c0, "web").await) == 5 && f.total_running() == 5
+        running_healthy(&ps(&mut c0, "web").await) == 5 && total_running(&f) == 5
     })
     .await;
 
@@ -417,7 +319,7 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
     b2.sort();
     a2.sort();
     assert_eq!(a2, b2, "the same containers run on the restarted node");
-    assert_eq!(f.total_running(), 5);
+    assert_eq!(total_running(&f), 5);
 
     // kill -9 a node: its replicas come back on the others; after it returns, no duplicates.
     let lost = running_tasks(&f.namespaces[1]).len();
@@ -430,13 +332,13 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
     .await;
     f.cluster.nodes[1].start();
     f.wait(90, "exactly 5 containers after n1 returns", async || {
-        f.total_running() == 5 && running_healthy(&ps(&mut c0, "web").await) == 5
+        total_running(&f) == 5 && running_healthy(&ps(&mut c0, "web").await) == 5
     })
     .await;
 
     // Removing the service stops everything.
     c0.remove_service("web").await.unwrap();
-    f.wait(60, "no containers left", async || f.total_running() == 0)
+    f.wait(60, "no containers left", async || total_running(&f) == 0)
         .await;
     let err = c0.service_ps("web").await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound));
@@ -444,10 +346,10 @@ async fn services_run_heal_scale_roll_and_route_on_real_containerd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_services_are_refused_and_crash_loops_back_off() {
-    let Some(f) = start(1, "bad").await else {
+    let Some((f, images)) = start(1, "bad").await else {
         return;
     };
-    let v1 = web_image(&f.images, "v1", "v1\n").unwrap();
+    let v1 = web_image(&images, "v1", "v1\n").unwrap();
     let mut c = f.client(0).await;
     push_image(&mut c, &v1, "web:1", 1, |_, _| {})
         .await
@@ -674,11 +576,11 @@ async fn upgrade(port: u16, path: &str) -> (String, tokio::net::TcpStream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_pass_the_gateway_and_health_commands_restart() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(f) = start(2, "ws").await else {
+    let Some((f, images)) = start(2, "ws").await else {
         return;
     };
-    let ws = upgrade_echo_image(&f.images).unwrap();
-    let web = web_image(&f.images, "web", "hi\n").unwrap();
+    let ws = upgrade_echo_image(&images).unwrap();
+    let web = web_image(&images, "web", "hi\n").unwrap();
     let mut c = f.client(0).await;
     push_image(&mut c, &ws, "ws:1", 2, |_, _| {}).await.unwrap();
     push_image(&mut c, &web, "web:1", 2, |_, _| {})

@@ -41,7 +41,7 @@ use crate::placement;
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
 use crate::services::runtime::{ContainerRuntime, NewContainer, TaskState};
-use crate::services::spec::{ContainerSpecInput, ImageRunConfig};
+use crate::services::spec::ContainerSpecInput;
 
 /// Bytes of log kept per attempt before rotation.
 const LOG_MAX_BYTES: u64 = 1 << 20;
@@ -497,7 +497,7 @@ async fn run_container(
         Ok(x) => x,
         Err(e) => return not_started(format!("image {image}: {e}")),
     };
-    let config = match image_config(&ctx.registry, image) {
+    let config = match crate::services::image_config(&ctx.registry, image) {
         Ok(c) => c,
         Err(e) => return failed(format!("image {image}: {e}")),
     };
@@ -693,19 +693,6 @@ async fn run_wasm(
         tracing::warn!(log = %path.display(), error = %e, "cannot write a job log");
     }
     Some(outcome)
-}
-
-fn image_config(registry: &Registry, image: &str) -> Result<ImageRunConfig, String> {
-    let record = registry.image(image).map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    use std::io::Read;
-    registry
-        .store()
-        .reader(&record.config.blake3)
-        .map_err(|e| e.to_string())?
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    ImageRunConfig::from_config_json(&bytes).map_err(|e| e.to_string())
 }
 
 /// Keeps the newest `keep` job logs in `dir`.

@@ -860,6 +860,24 @@ impl Services {
     }
 }
 
+/// How the image's config says to run it (entrypoint, command, env, user), read from the
+/// config blob in this node's store (pulled with the image).
+pub(crate) fn image_config(
+    registry: &Registry,
+    image: &str,
+) -> Result<spec::ImageRunConfig, String> {
+    let record = registry.image(image).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    registry
+        .store()
+        .reader(&record.config.blake3)
+        .map_err(|e| e.to_string())?
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    spec::ImageRunConfig::from_config_json(&bytes).map_err(|e| e.to_string())
+}
+
 /// Reads one piece of a local container log.
 pub(crate) fn read_log(dir: &std::path::Path, read: &LogRead) -> Result<LogPiece, String> {
     let ok = !read.container.is_empty()

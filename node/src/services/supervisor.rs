@@ -78,6 +78,9 @@ struct Want {
 
 struct Runner {
     want: watch::Sender<Option<Want>>,
+    /// Set before `want` becomes `None` when the container must go at once (SIGKILL, no
+    /// grace): the node is fenced, or the claim moved to a node that may run it already.
+    urgent: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -184,6 +187,7 @@ impl Supervisor {
             match verdict {
                 Verdict::Fenced => {
                     for r in runners.values() {
+                        r.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
                         r.want.send_if_modified(|w| w.take().is_some());
                     }
                     continue;
@@ -195,6 +199,7 @@ impl Supervisor {
             for (key, want) in &desired {
                 match runners.get(key) {
                     Some(r) => {
+                        r.urgent.store(false, std::sync::atomic::Ordering::Relaxed);
                         r.want.send_if_modified(|w| {
                             if w.as_ref() == Some(want) {
                                 false
@@ -207,14 +212,36 @@ impl Supervisor {
                     None => {
                         let (tx, rx) = watch::channel(Some(want.clone()));
                         let adopt = found.remove(key);
-                        let task =
-                            tokio::spawn(run_replica(shared.clone(), key.clone(), rx, adopt));
-                        runners.insert(key.clone(), Runner { want: tx, task });
+                        let urgent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        let task = tokio::spawn(run_replica(
+                            shared.clone(),
+                            key.clone(),
+                            rx,
+                            adopt,
+                            urgent.clone(),
+                        ));
+                        runners.insert(
+                            key.clone(),
+                            Runner {
+                                want: tx,
+                                urgent,
+                                task,
+                            },
+                        );
                     }
                 }
             }
+            let me = self.node.peer_id.to_string();
+            let elsewhere: BTreeSet<(String, u32)> = Scheduler::claims(&self.node)
+                .into_iter()
+                .filter(|c| c.node != me)
+                .map(|c| (c.workload, c.replica))
+                .collect();
             for (key, r) in &runners {
                 if !desired.contains_key(key) {
+                    if elsewhere.contains(&(workload_id(&key.0), key.1)) {
+                        r.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     r.want.send_if_modified(|w| w.take().is_some());
                 }
             }
@@ -226,6 +253,8 @@ impl Supervisor {
             }
             for c in orphans.drain(..) {
                 tracing::info!(container = %c.id, "removing a container no claim wants");
+                // Its replica runs elsewhere by now, or is not wanted: no grace period.
+                let _ = shared.runtime.kill_now(&c.id).await;
                 if let Err(e) = shared.runtime.remove(&c.id).await {
                     tracing::warn!(container = %c.id, error = %e, "cannot remove container");
                 }
@@ -401,6 +430,7 @@ async fn run_replica(
     key: (String, u32),
     mut want_rx: watch::Receiver<Option<Want>>,
     mut adopt: Option<FoundContainer>,
+    urgent: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let (service, index) = key;
     let rt = shared.runtime.clone();
@@ -419,8 +449,12 @@ async fn run_replica(
         let want = want_rx.borrow_and_update().clone();
         let Some(want) = want else {
             if let Some(l) = live.take() {
+                let now = urgent.load(std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(service = %service, replica = index, container = %l.id,
-                    "stopping replica (claim gone or node fenced)");
+                    urgent = now, "stopping replica (claim gone or node fenced)");
+                if now {
+                    let _ = rt.kill_now(&l.id).await;
+                }
                 if let Err(e) = rt.remove(&l.id).await {
                     tracing::warn!(container = %l.id, error = %e, "cannot remove container");
                 }
@@ -590,7 +624,7 @@ async fn adopt_container(
         return None;
     }
     shared.ports.lock().expect("ports lock").insert(port);
-    let process = image_config(shared, &want.template)
+    let process = super::image_config(&shared.registry, &want.template.image)
         .ok()
         .and_then(|cfg| build_spec(&want.spec, &want.template, &cfg, &found.id, port, rt).ok())
         .and_then(|s| s.process().clone());
@@ -605,23 +639,6 @@ async fn adopt_container(
         failures: 0,
         next_health: Instant::now(),
     })
-}
-
-fn image_config(shared: &Shared, template: &Template) -> Result<ImageRunConfig, String> {
-    let image = shared
-        .registry
-        .image(&template.image)
-        .map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    use std::io::Read;
-    shared
-        .registry
-        .store()
-        .reader(&image.config.blake3)
-        .map_err(|e| e.to_string())?
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    ImageRunConfig::from_config_json(&bytes).map_err(|e| e.to_string())
 }
 
 fn build_spec(
@@ -667,7 +684,7 @@ async fn start_new(
         .import_to_containerd(&want.template.image, rt.containerd())
         .await
         .map_err(|e| e.to_string())?;
-    let config = image_config(shared, &want.template)?;
+    let config = super::image_config(&shared.registry, &want.template.image)?;
     let port = allocate_port(&shared.ports).ok_or("no free port in 20000-29999")?;
     let id = format!("{service}-{index}-{:08x}", rand::random::<u32>());
     let result = async {
