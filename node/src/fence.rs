@@ -74,6 +74,17 @@ impl QuorumWatch {
         }
     }
 
+    /// A watch for a node process that is starting: it may have run replicas before (its
+    /// containers outlive `meshd`), and claims may have moved while it was down, so it
+    /// starts fenced and acts only once it has seen a majority for the settle period
+    /// (anti-entropy delivers the claims meanwhile).
+    pub fn starting(timeout: Duration, settle: Duration) -> Self {
+        Self {
+            fenced: true,
+            ..Self::new(timeout, settle)
+        }
+    }
+
     /// Records one observation of the membership and returns what the node may do.
     pub fn observe(&mut self, now: Instant, live: usize, known: usize) -> Verdict {
         let paused = self
@@ -179,6 +190,21 @@ mod tests {
         assert_eq!(w.observe(t0 + secs(41.0), 1, 5), Verdict::Fenced);
         assert_eq!(w.observe(t0 + secs(42.0), 5, 5), Verdict::Fenced);
         assert_eq!(w.observe(t0 + secs(45.0), 5, 5), Verdict::Act);
+    }
+
+    #[test]
+    fn a_starting_node_waits_for_a_settled_majority() {
+        let t0 = Instant::now();
+        let mut w = QuorumWatch::starting(secs(3.0), secs(3.0));
+        // Restarted: its claims name four other nodes, none heard from yet.
+        assert_eq!(w.observe(t0, 1, 5), Verdict::Fenced);
+        assert_eq!(w.observe(t0 + secs(1.0), 5, 5), Verdict::Fenced);
+        assert_eq!(w.observe(t0 + secs(3.5), 5, 5), Verdict::Fenced);
+        assert_eq!(w.observe(t0 + secs(4.0), 5, 5), Verdict::Act);
+        // Alone for good (a one-node cluster): it acts after the settle period.
+        let mut one = QuorumWatch::starting(secs(3.0), secs(3.0));
+        assert_eq!(one.observe(t0, 1, 1), Verdict::Fenced);
+        assert_eq!(one.observe(t0 + secs(3.0), 1, 1), Verdict::Act);
     }
 
     #[test]

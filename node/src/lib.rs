@@ -20,6 +20,7 @@ pub mod http;
 pub mod membership;
 pub mod node;
 pub mod p2p;
+pub mod pacing;
 pub mod placement;
 pub mod registry;
 pub mod replica;

@@ -119,6 +119,9 @@ pub struct NodeState {
     /// Replicas the last placement pass could not place, with the reason, by (workload,
     /// replica).
     pub pending: Mutex<BTreeMap<(String, u32), String>>,
+    /// Counts changes of the replicated state (local writes and applied remote entries);
+    /// control loops wait on it (see `pacing`).
+    changes: watch::Sender<u64>,
     network: mpsc::UnboundedSender<NetworkCommand>,
 }
 
@@ -157,6 +160,16 @@ impl NodeState {
         })
     }
 
+    /// Tells the control loops that the replicated state changed.
+    pub fn state_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Notifications of state changes, for a control loop.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Writes a value (or deletes with `None`) and spreads it to the mesh.
     pub fn write(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
         let entry = self
@@ -168,6 +181,7 @@ impl NodeState {
             .network
             .send(NetworkCommand::Broadcast(vec![entry.clone()]));
         metrics::counter!("mesh_state_writes_total").increment(1);
+        self.state_changed();
         Ok(entry)
     }
 }
@@ -228,6 +242,7 @@ impl Node {
             containers_ready: std::sync::atomic::AtomicBool::new(false),
             verdict: Mutex::new(crate::fence::Verdict::Act),
             pending: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
             network: net_tx.clone(),
         });
         let network = MeshNetwork::new(

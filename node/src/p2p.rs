@@ -958,6 +958,9 @@ impl MeshNetwork {
                 .apply_remote(gossip.entries);
             match result {
                 Ok(merged) => {
+                    if !merged.applied.is_empty() {
+                        self.node.state_changed();
+                    }
                     observe_propagation(&merged.applied);
                     if merged.invalid.is_empty() {
                         MessageAcceptance::Accept
@@ -1041,7 +1044,12 @@ impl MeshNetwork {
             .expect("replica lock")
             .apply_remote(entries);
         match result {
-            Ok(merged) => self.count_synced(peer, &merged),
+            Ok(merged) => {
+                if !merged.applied.is_empty() {
+                    self.node.state_changed();
+                }
+                self.count_synced(peer, &merged)
+            }
             Err(e) => tracing::error!(error = %e, "cannot persist synced state"),
         }
     }

@@ -65,7 +65,10 @@ impl Scheduler {
         Self {
             node,
             sources,
-            quorum: std::sync::Mutex::new(QuorumWatch::default()),
+            quorum: std::sync::Mutex::new(QuorumWatch::starting(
+                crate::fence::FENCE_TIMEOUT,
+                crate::fence::SETTLE,
+            )),
         }
     }
 
@@ -217,14 +220,11 @@ impl Scheduler {
         verdict
     }
 
-    /// Runs a pass every `every` until shutdown.
+    /// Runs a pass every `every`, and soon after the state changes, until shutdown.
     pub async fn run(self, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => { self.run_once(); }
-                _ = shutdown.changed() => break,
-            }
+        let mut pacer = crate::pacing::Pacer::new(&self.node, every, Duration::from_millis(100));
+        while pacer.next(&mut shutdown).await {
+            self.run_once();
         }
     }
 }

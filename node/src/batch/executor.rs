@@ -104,15 +104,14 @@ impl Executor {
     /// Runs until shutdown (running attempts are abandoned; their claims move on).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut local: HashMap<(String, u32), Local> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pacer = crate::pacing::Pacer::new(
+            &self.ctx.node,
+            Duration::from_millis(500),
+            Duration::from_millis(50),
+        );
         let mut last_cleanup = Instant::now();
         self.remove_leftover_containers().await;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => break,
-            }
+        while pacer.next(&mut shutdown).await {
             local.retain(|_, l| !l.task.is_finished());
             let verdict = *self.ctx.node.verdict.lock().expect("verdict lock");
             if verdict == Verdict::Fenced {

@@ -65,7 +65,7 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_FAILURES: u32 = 3;
 const HEALTH_START_PERIOD: Duration = Duration::from_secs(60);
 /// Without a health check, a container counts as healthy once it has run this long.
-const RUNNING_IS_HEALTHY_AFTER: Duration = Duration::from_millis(500);
+const RUNNING_IS_HEALTHY_AFTER: Duration = Duration::from_millis(300);
 
 /// What a runner should run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,14 +127,13 @@ impl Supervisor {
         let mut runners: HashMap<(String, u32), Runner> = HashMap::new();
         let mut found: HashMap<(String, u32), FoundContainer> = HashMap::new();
         let mut orphans: Vec<FoundContainer> = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pacer = crate::pacing::Pacer::new(
+            &self.node,
+            Duration::from_secs(1),
+            Duration::from_millis(100),
+        );
         let mut next_probe = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => break,
-            }
+        while pacer.next(&mut shutdown).await {
             // containerd: connect, and re-check that it answers every 5 s.
             if Instant::now() >= next_probe {
                 next_probe = Instant::now() + Duration::from_secs(5);
@@ -568,8 +567,14 @@ async fn run_replica(
         if let Some(l) = &live {
             let _ = super::runtime::rotate_log(&rt.log_path(&l.id), LOG_MAX_BYTES);
         }
+        // Look closely while a new container comes up, then once a second.
+        let pause = if live.as_ref().is_some_and(|l| !l.ever_healthy) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = want_rx.changed() => {}
         }
     }
@@ -763,7 +768,13 @@ async fn check_health(rt: &ContainerRuntime, want: &Want, l: &mut Live) {
     if Instant::now() < l.next_health {
         return;
     }
-    l.next_health = Instant::now() + HEALTH_EVERY;
+    // Until the first pass, check often: a new replica takes traffic as soon as it passes.
+    l.next_health = Instant::now()
+        + if l.ever_healthy {
+            HEALTH_EVERY
+        } else {
+            Duration::from_millis(200)
+        };
     let ok = if !t.health_http.is_empty() {
         http_ok(l.port, &t.health_http).await
     } else if let Some(process) = &l.process {
