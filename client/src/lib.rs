@@ -13,9 +13,11 @@ use std::collections::BTreeMap;
 
 use meshwork_proto::v1::{
     self as pb, cluster_service_client::ClusterServiceClient,
-    function_service_client::FunctionServiceClient, job_service_client::JobServiceClient,
-    registry_service_client::RegistryServiceClient, route_service_client::RouteServiceClient,
-    service_service_client::ServiceServiceClient, state_service_client::StateServiceClient,
+    function_service_client::FunctionServiceClient, gateway_service_client::GatewayServiceClient,
+    job_service_client::JobServiceClient, key_service_client::KeyServiceClient,
+    plan_service_client::PlanServiceClient, registry_service_client::RegistryServiceClient,
+    route_service_client::RouteServiceClient, service_service_client::ServiceServiceClient,
+    state_service_client::StateServiceClient,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -92,6 +94,9 @@ pub struct MeshClient {
     functions: FunctionServiceClient<Channel>,
     services: ServiceServiceClient<Channel>,
     routes: RouteServiceClient<Channel>,
+    plans: PlanServiceClient<Channel>,
+    keys: KeyServiceClient<Channel>,
+    gateway: GatewayServiceClient<Channel>,
     jobs: JobServiceClient<Channel>,
 }
 
@@ -119,6 +124,9 @@ impl MeshClient {
             services: ServiceServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20),
             routes: RouteServiceClient::new(channel.clone()),
+            plans: PlanServiceClient::new(channel.clone()),
+            keys: KeyServiceClient::new(channel.clone()),
+            gateway: GatewayServiceClient::new(channel.clone()),
             jobs: JobServiceClient::new(channel).max_decoding_message_size(64 << 20),
         })
     }
@@ -581,13 +589,136 @@ impl MeshClient {
             .routes)
     }
 
-    /// Removes the gateway route with this path.
-    pub async fn remove_route(&mut self, path: &str) -> Result<(), ClientError> {
+    /// Removes the gateway route with this path (and host, for a route bound to one; empty
+    /// otherwise).
+    pub async fn remove_route(&mut self, host: &str, path: &str) -> Result<(), ClientError> {
         self.routes
-            .remove(pb::RouteRef { path: path.into() })
+            .remove(pb::RouteRef {
+                path: path.into(),
+                host: host.into(),
+            })
             .await?;
         Ok(())
     }
+
+    /// Creates or replaces a usage plan.
+    pub async fn create_plan(&mut self, plan: pb::Plan) -> Result<pb::Plan, ClientError> {
+        Ok(self.plans.create(plan).await?.into_inner())
+    }
+
+    /// Every usage plan.
+    pub async fn plans(&mut self) -> Result<Vec<pb::Plan>, ClientError> {
+        Ok(self
+            .plans
+            .list(pb::ListPlansRequest {})
+            .await?
+            .into_inner()
+            .plans)
+    }
+
+    /// Removes a plan that no key or route uses.
+    pub async fn remove_plan(&mut self, name: &str) -> Result<(), ClientError> {
+        self.plans.remove(pb::PlanRef { name: name.into() }).await?;
+        Ok(())
+    }
+
+    /// Creates an API key; the answer holds the key itself, shown only this once.
+    pub async fn create_key(
+        &mut self,
+        name: &str,
+        plan: &str,
+    ) -> Result<pb::CreatedKey, ClientError> {
+        Ok(self
+            .keys
+            .create(pb::CreateKeyRequest {
+                name: name.into(),
+                plan: plan.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Every API key (never the keys themselves).
+    pub async fn keys(&mut self) -> Result<Vec<pb::ApiKey>, ClientError> {
+        Ok(self
+            .keys
+            .list(pb::ListKeysRequest {})
+            .await?
+            .into_inner()
+            .keys)
+    }
+
+    /// Revokes an API key on every node.
+    pub async fn revoke_key(&mut self, name: &str) -> Result<pb::ApiKey, ClientError> {
+        Ok(self
+            .keys
+            .revoke(pb::KeyRef { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Per-route gateway counters summed over the live nodes.
+    pub async fn gateway_stats(&mut self) -> Result<Vec<pb::RouteStats>, ClientError> {
+        Ok(self
+            .gateway
+            .stats(pb::GatewayStatsRequest {})
+            .await?
+            .into_inner()
+            .routes)
+    }
+}
+
+/// Parses a rate such as `10/s`, `600/min`, `100/h` or `5000/day` into requests per second.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let (n, unit) = text
+        .split_once('/')
+        .ok_or_else(|| "expected COUNT/UNIT, e.g. 10/s, 600/min, 100/h".to_string())?;
+    let n: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a number"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err("the count must be above 0".into());
+    }
+    let seconds = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        "d" | "day" => 86_400.0,
+        other => return Err(format!("unit {other:?}: s, min, h or day")),
+    };
+    Ok(n / seconds)
+}
+
+/// Parses a daily quota `N/day` (or a bare `N`).
+pub fn parse_quota(text: &str) -> Result<u64, String> {
+    let n = match text.split_once('/') {
+        Some((n, "day" | "d")) => n,
+        Some((_, unit)) => return Err(format!("unit {unit:?}: quotas are per day (N/day)")),
+        None => text,
+    };
+    n.trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a whole number"))
+}
+
+/// A rate in requests per second, the way `parse_rate` reads it (`10/s`, `30/min`, ...).
+pub fn human_rate(per_second: f64) -> String {
+    let fmt = |v: f64| {
+        let r = (v * 1000.0).round() / 1000.0;
+        if r.fract() == 0.0 {
+            format!("{r:.0}")
+        } else {
+            format!("{r}")
+        }
+    };
+    for (unit, seconds) in [("s", 1.0), ("min", 60.0), ("h", 3600.0), ("day", 86_400.0)] {
+        let n = per_second * seconds;
+        if n >= 1.0 && ((n * 1000.0).round() / 1000.0).fract() == 0.0 {
+            return format!("{}/{unit}", fmt(n));
+        }
+    }
+    format!("{}/s", fmt(per_second))
 }
 
 impl MeshClient {
@@ -1241,5 +1372,23 @@ mod tests {
             "/ip4/10.0.0.2/udp/7000/quic-v1".into(),
         ];
         assert_eq!(n.addr(), "10.0.0.2:7000");
+    }
+
+    #[test]
+    fn rates_and_quotas() {
+        assert_eq!(parse_rate("10/s"), Ok(10.0));
+        assert_eq!(parse_rate("600/min"), Ok(10.0));
+        assert_eq!(parse_rate("1/h"), Ok(1.0 / 3600.0));
+        assert_eq!(parse_rate("0.5/s"), Ok(0.5));
+        assert!(parse_rate("10").is_err());
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("10/week").is_err());
+        assert_eq!(parse_quota("10000/day"), Ok(10000));
+        assert_eq!(parse_quota("5"), Ok(5));
+        assert!(parse_quota("5/h").is_err());
+        assert_eq!(human_rate(10.0), "10/s");
+        assert_eq!(human_rate(0.5), "30/min");
+        assert_eq!(human_rate(1.0 / 3600.0), "1/h");
+        assert_eq!(human_rate(2.5), "150/min");
     }
 }

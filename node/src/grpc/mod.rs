@@ -25,6 +25,7 @@ use crate::node::NodeState;
 use crate::registry::Registry;
 
 mod functions;
+mod gateway;
 mod jobs;
 mod registry;
 mod services;
@@ -128,9 +129,24 @@ pub async fn serve(
         )
         .add_service(
             meshwork_proto::v1::route_service_server::RouteServiceServer::new(services::RouteApi {
-                node,
+                node: node.clone(),
             })
             .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            meshwork_proto::v1::plan_service_server::PlanServiceServer::new(gateway::PlanApi {
+                node: node.clone(),
+            }),
+        )
+        .add_service(
+            meshwork_proto::v1::key_service_server::KeyServiceServer::new(gateway::KeyApi {
+                node: node.clone(),
+            }),
+        )
+        .add_service(
+            meshwork_proto::v1::gateway_service_server::GatewayServiceServer::new(
+                gateway::GatewayApi { node },
+            ),
         )
         .add_service(
             FunctionServiceServer::new(functions::FunctionApi {

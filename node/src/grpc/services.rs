@@ -37,10 +37,12 @@ fn status(e: ServiceError) -> Status {
     }
 }
 
-fn route_status(e: RouteError) -> Status {
+pub(super) fn route_status(e: RouteError) -> Status {
     match e {
         RouteError::Invalid(_) => Status::invalid_argument(e.to_string()),
         RouteError::Unknown(_) => Status::not_found(e.to_string()),
+        RouteError::Exists(_) => Status::already_exists(e.to_string()),
+        RouteError::InUse(_) => Status::failed_precondition(e.to_string()),
         RouteError::State(_) => Status::unavailable(e.to_string()),
     }
 }
@@ -300,6 +302,18 @@ fn route_to_pb(r: &gateway::Route) -> pb::Route {
         service,
         websocket: r.websocket,
         created_ms: r.created_ms,
+        methods: r.methods.clone(),
+        host: r.host.clone(),
+        cors_origins: r.cors_origins.clone(),
+        max_body_bytes: r.max_body_bytes,
+        timeout_ms: r.timeout_ms,
+        auth: r.auth.as_str().to_string(),
+        plans: r.plans.clone(),
+        // The secret is write-only.
+        jwt_hs256_secret: vec![],
+        jwt_rs256_public_key: r.jwt.rs256_public_key.clone(),
+        jwt_audience: r.jwt.audience.clone(),
+        jwt_hs256_configured: !r.jwt.hs256_secret_hex.is_empty(),
     }
 }
 
@@ -316,16 +330,21 @@ impl RouteService for RouteApi {
                 ));
             }
         };
-        let route = gateway::add(
-            &self.node,
-            gateway::Route {
-                path: r.path,
-                target,
-                websocket: r.websocket,
-                created_ms: 0,
-            },
-        )
-        .map_err(route_status)?;
+        let mut route = gateway::Route::new(&r.path, target);
+        route.websocket = r.websocket;
+        route.methods = r.methods;
+        route.host = r.host;
+        route.cors_origins = r.cors_origins;
+        route.max_body_bytes = r.max_body_bytes;
+        route.timeout_ms = r.timeout_ms;
+        route.auth = gateway::Auth::parse(&r.auth).map_err(route_status)?;
+        route.plans = r.plans;
+        route.jwt = gateway::JwtConfig {
+            hs256_secret_hex: hex::encode(&r.jwt_hs256_secret),
+            rs256_public_key: r.jwt_rs256_public_key,
+            audience: r.jwt_audience,
+        };
+        let route = gateway::add(&self.node, route).map_err(route_status)?;
         Ok(Response::new(route_to_pb(&route)))
     }
 
@@ -341,7 +360,8 @@ impl RouteService for RouteApi {
         &self,
         req: Request<pb::RouteRef>,
     ) -> Result<Response<pb::RemoveRouteResponse>, Status> {
-        gateway::remove(&self.node, &req.into_inner().path).map_err(route_status)?;
+        let r = req.into_inner();
+        gateway::remove(&self.node, &r.host, &r.path).map_err(route_status)?;
         Ok(Response::new(pb::RemoveRouteResponse {}))
     }
 }

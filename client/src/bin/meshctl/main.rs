@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use meshwork_client::{MeshClient, UploadOptions, human_bytes, human_cpu, table};
 
+mod gateway;
 mod jobs;
 mod services;
 
@@ -71,6 +72,15 @@ enum Command {
     /// service.
     #[command(subcommand)]
     Route(services::RouteCmd),
+    /// Usage plans for API keys: rate, burst and daily quota, enforced mesh-wide.
+    #[command(subcommand)]
+    Plan(gateway::PlanCmd),
+    /// API keys (the x-api-key header of routes with --auth key).
+    #[command(subcommand)]
+    Key(gateway::KeyCmd),
+    /// The API gateway's counters.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCmd),
     /// Batch jobs: an image or a Wasm module run to completion, once or as an array, with
     /// retries, dependencies and a time limit.
     #[command(subcommand)]
@@ -244,6 +254,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Service(cmd) => return services::service(&cli.endpoint, cmd).await,
         Command::Logs(args) => return services::logs(&cli.endpoint, args).await,
         Command::Route(cmd) => return services::route(&cli.endpoint, cmd).await,
+        Command::Plan(cmd) => return gateway::plan(&cli.endpoint, cmd).await,
+        Command::Key(cmd) => return gateway::key(&cli.endpoint, cmd).await,
+        Command::Gateway(cmd) => return gateway::gateway(&cli.endpoint, cmd).await,
         Command::Job(cmd) => return jobs::job(&cli.endpoint, cmd).await,
         other => other,
     };
@@ -253,6 +266,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Service(_)
         | Command::Logs(_)
         | Command::Route(_)
+        | Command::Plan(_)
+        | Command::Key(_)
+        | Command::Gateway(_)
         | Command::Job(_) => {
             unreachable!("handled above")
         }

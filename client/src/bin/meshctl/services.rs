@@ -117,9 +117,11 @@ pub struct LogsArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum RouteCmd {
-    /// Route HTTP requests under PATH (a prefix such as /web) on every node to a function or
-    /// a service.
+    /// Route HTTP requests under PATH on every node to a function or a service. PATH is a
+    /// prefix such as /web, with {name} segments for parameters (/api/users/{id}); the target
+    /// gets the rest of the path, and each parameter as the header x-mesh-param-NAME.
     #[command(group(clap::ArgGroup::new("target").required(true).args(["function", "service"])))]
     Add {
         path: String,
@@ -132,14 +134,129 @@ pub enum RouteCmd {
         /// Pass WebSocket upgrades through (services only).
         #[arg(long, conflicts_with = "function")]
         websocket: bool,
+        /// Allowed methods, e.g. GET,POST (others get 405); all by default.
+        #[arg(long, value_delimiter = ',', value_name = "METHODS")]
+        methods: Vec<String>,
+        /// Only for requests to this host name (the Host header, port ignored).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// CORS: an allowed origin ('*' or e.g. https://app.example.com); repeat or comma-separate.
+        #[arg(long = "cors-origin", value_delimiter = ',', value_name = "ORIGIN")]
+        cors_origins: Vec<String>,
+        /// Request body limit (e.g. 1Mi; default 6Mi); larger bodies get 413.
+        #[arg(long, value_name = "BYTES")]
+        max_body: Option<String>,
+        /// Time limit per request (e.g. 5s; default 60s); 504 beyond.
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
+        /// Who may call: none, key (x-api-key header) or jwt (Authorization: Bearer). --plan
+        /// implies key, --jwt-* flags imply jwt.
+        #[arg(long, value_parser = ["none", "key", "jwt"])]
+        auth: Option<String>,
+        /// With key auth: a plan whose keys may call (repeat or comma-separate); any plan by
+        /// default. Keys of other plans get 403.
+        #[arg(long = "plan", value_delimiter = ',', value_name = "PLAN")]
+        plans: Vec<String>,
+        /// JWT: a file holding the HS256 shared secret (a trailing newline is dropped).
+        #[arg(long, value_name = "FILE")]
+        jwt_hs256_secret_file: Option<std::path::PathBuf>,
+        /// JWT: a file holding the RS256 public key in PEM.
+        #[arg(long, value_name = "FILE")]
+        jwt_rs256_key_file: Option<std::path::PathBuf>,
+        /// JWT: the audience tokens must name in "aud".
+        #[arg(long, value_name = "AUD")]
+        jwt_audience: Option<String>,
     },
-    /// List routes: PATH, TARGET, WEBSOCKET.
+    /// List routes: PATH, HOST, TARGET, METHODS, AUTH, LIMITS.
     Ls {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the route with this PATH.
-    Rm { path: String },
+    /// Remove the route with this PATH (and --host, for a route bound to a host).
+    Rm {
+        path: String,
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+    },
+}
+
+/// Builds the route of `route add` from its flags; reads the JWT key files.
+fn route_from_flags(cmd: RouteCmd) -> anyhow::Result<Route> {
+    let RouteCmd::Add {
+        path,
+        function,
+        service,
+        websocket,
+        methods,
+        host,
+        cors_origins,
+        max_body,
+        timeout,
+        auth,
+        plans,
+        jwt_hs256_secret_file,
+        jwt_rs256_key_file,
+        jwt_audience,
+    } = cmd
+    else {
+        anyhow::bail!("not route add");
+    };
+    let max_body_bytes = match &max_body {
+        Some(text) => parse_bytes(text)
+            .with_context(|| format!("--max-body {text:?}: expected bytes like 1Mi"))?,
+        None => 0,
+    };
+    let timeout_ms = match &timeout {
+        Some(text) => meshwork_proto::units::parse_duration(text)
+            .with_context(|| format!("--timeout {text:?}: expected a duration like 5s or 500ms"))?
+            .as_millis() as u64,
+        None => 0,
+    };
+    let jwt_flags =
+        jwt_hs256_secret_file.is_some() || jwt_rs256_key_file.is_some() || jwt_audience.is_some();
+    let auth = match auth {
+        Some(a) => a,
+        None if !plans.is_empty() => "key".into(),
+        None if jwt_flags => "jwt".into(),
+        None => "none".into(),
+    };
+    if auth == "jwt" && jwt_hs256_secret_file.is_none() && jwt_rs256_key_file.is_none() {
+        anyhow::bail!("--auth jwt needs --jwt-hs256-secret-file or --jwt-rs256-key-file");
+    }
+    let jwt_hs256_secret = match &jwt_hs256_secret_file {
+        Some(f) => {
+            let mut bytes = std::fs::read(f)
+                .with_context(|| format!("--jwt-hs256-secret-file {}", f.display()))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            bytes
+        }
+        None => vec![],
+    };
+    let jwt_rs256_public_key = match &jwt_rs256_key_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("--jwt-rs256-key-file {}", f.display()))?,
+        None => String::new(),
+    };
+    Ok(Route {
+        path,
+        function: function.unwrap_or_default(),
+        service: service.unwrap_or_default(),
+        websocket,
+        created_ms: 0,
+        methods,
+        host: host.unwrap_or_default(),
+        cors_origins,
+        max_body_bytes,
+        timeout_ms,
+        auth,
+        plans,
+        jwt_hs256_secret,
+        jwt_rs256_public_key,
+        jwt_audience: jwt_audience.unwrap_or_default(),
+        jwt_hs256_configured: false,
+    })
 }
 
 pub(crate) fn cpu_flag(text: &str) -> anyhow::Result<u64> {
@@ -480,63 +597,97 @@ pub(crate) fn closed_pipe_is_fine(result: anyhow::Result<()>) -> anyhow::Result<
 
 /// Runs a `meshctl route` command against the node at `endpoint`.
 pub async fn route(endpoint: &str, cmd: RouteCmd) -> anyhow::Result<()> {
+    // Flags and files are checked before connecting.
+    let (add, cmd) = match cmd {
+        cmd @ RouteCmd::Add { .. } => (Some(route_from_flags(cmd)?), None),
+        other => (None, Some(other)),
+    };
     let mut client = MeshClient::connect(endpoint).await?;
-    match cmd {
-        RouteCmd::Add {
-            path,
-            function,
-            service,
-            websocket,
-        } => {
-            let r = client
-                .add_route(Route {
-                    path,
-                    function: function.unwrap_or_default(),
-                    service: service.unwrap_or_default(),
-                    websocket,
-                    created_ms: 0,
-                })
-                .await?;
-            println!(
-                "{} -> {}{}",
-                r.path,
-                route_target(&r),
-                if r.websocket { " (websocket)" } else { "" }
-            );
-        }
+    if let Some(route) = add {
+        let r = client.add_route(route).await?;
+        println!(
+            "{} -> {}{}",
+            route_label(&r),
+            route_target(&r),
+            if r.websocket { " (websocket)" } else { "" }
+        );
+        return Ok(());
+    }
+    match cmd.expect("not add") {
+        RouteCmd::Add { .. } => unreachable!("handled above"),
         RouteCmd::Ls { json } => {
             let mut routes = client.routes().await?;
-            routes.sort_by(|a, b| a.path.cmp(&b.path));
+            routes.sort_by(|a, b| (&a.path, &a.host).cmp(&(&b.path, &b.host)));
             if json {
                 let v: Vec<_> = routes
                     .iter()
                     .map(|r| {
                         serde_json::json!({
-                        "path": r.path, "function": r.function, "service": r.service,
-                        "websocket": r.websocket, "created_ms": r.created_ms})
+                        "path": r.path, "host": r.host, "function": r.function,
+                        "service": r.service, "websocket": r.websocket,
+                        "methods": r.methods, "cors_origins": r.cors_origins,
+                        "max_body_bytes": r.max_body_bytes, "timeout_ms": r.timeout_ms,
+                        "auth": r.auth, "plans": r.plans,
+                        "jwt_hs256": r.jwt_hs256_configured,
+                        "jwt_rs256": !r.jwt_rs256_public_key.is_empty(),
+                        "jwt_audience": r.jwt_audience,
+                        "created_ms": r.created_ms})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let rows: Vec<Vec<String>> = routes
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.path.clone(),
-                            route_target(r),
-                            if r.websocket { "yes" } else { "no" }.into(),
-                        ]
-                    })
-                    .collect();
-                print!("{}", table(&["PATH", "TARGET", "WEBSOCKET"], &rows));
+                print!("{}", routes_table(&routes));
             }
         }
-        RouteCmd::Rm { path } => {
-            client.remove_route(&path).await?;
-            println!("{path} removed");
+        RouteCmd::Rm { path, host } => {
+            let host = host.unwrap_or_default();
+            client.remove_route(&host, &path).await?;
+            println!("{host}{path} removed");
         }
     }
     Ok(())
+}
+
+fn route_label(r: &Route) -> String {
+    format!("{}{}", r.host, r.path)
+}
+
+fn routes_table(routes: &[Route]) -> String {
+    let rows: Vec<Vec<String>> = routes
+        .iter()
+        .map(|r| {
+            let auth = match r.auth.as_str() {
+                "key" if !r.plans.is_empty() => format!("key:{}", r.plans.join(",")),
+                "" => "none".into(),
+                a => a.to_string(),
+            };
+            let mut limits = vec![];
+            if r.max_body_bytes > 0 {
+                limits.push(format!("body {}", human_bytes(r.max_body_bytes)));
+            }
+            if r.timeout_ms > 0 {
+                limits.push(format!("{}ms", r.timeout_ms));
+            }
+            if !r.cors_origins.is_empty() {
+                limits.push(format!("cors {}", r.cors_origins.join(",")));
+            }
+            if r.websocket {
+                limits.push("websocket".into());
+            }
+            vec![
+                r.path.clone(),
+                or_dash(&r.host),
+                route_target(r),
+                or_dash(&r.methods.join(",")),
+                auth,
+                or_dash(&limits.join(" ")),
+            ]
+        })
+        .collect();
+    table(
+        &["PATH", "HOST", "TARGET", "METHODS", "AUTH", "OPTIONS"],
+        &rows,
+    )
 }
 
 fn route_target(r: &Route) -> String {
@@ -625,5 +776,44 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(route_target(&r), "svc:web");
+    }
+
+    #[test]
+    fn route_flags_become_a_route() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: RouteCmd,
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "add",
+            "/api/users/{id}",
+            "--fn",
+            "users",
+            "--methods",
+            "GET,POST",
+            "--plan",
+            "basic",
+            "--max-body",
+            "1Mi",
+            "--timeout",
+            "5s",
+            "--cors-origin",
+            "*",
+        ])
+        .unwrap();
+        let r = route_from_flags(cli.cmd).unwrap();
+        assert_eq!(r.methods, ["GET", "POST"]);
+        assert_eq!(r.auth, "key");
+        assert_eq!(r.plans, ["basic"]);
+        assert_eq!(r.max_body_bytes, 1 << 20);
+        assert_eq!(r.timeout_ms, 5000);
+        assert_eq!(r.cors_origins, ["*"]);
+        let t = routes_table(&[r]);
+        assert!(t.contains("key:basic"), "{t}");
+        let cli = Cli::try_parse_from(["x", "add", "/a", "--fn", "f", "--auth", "jwt"]).unwrap();
+        assert!(route_from_flags(cli.cmd).is_err());
     }
 }
