@@ -14,6 +14,16 @@ pub fn install_metrics() -> PrometheusHandle {
             ],
         )
         .expect("bucket list is not empty")
+        // Request latencies (gateway routes, functions): histograms, so p50/p99 can be
+        // computed across nodes.
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ],
+        )
+        .expect("bucket list is not empty")
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
