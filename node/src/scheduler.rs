@@ -74,10 +74,23 @@ impl Scheduler {
 
     /// Every claim in the state.
     pub fn claims(node: &NodeState) -> Vec<Claim> {
+        Self::claims_under(node, CLAIM_PREFIX)
+    }
+
+    /// The claims of one workload (its replicas), without reading every other claim: what
+    /// a request on the hot path (the gateway, a function call) needs.
+    pub fn claims_of(node: &NodeState, workload: &str) -> Vec<Claim> {
+        Self::claims_under(node, &format!("{CLAIM_PREFIX}{workload}/"))
+            .into_iter()
+            .filter(|c| c.workload == workload)
+            .collect()
+    }
+
+    fn claims_under(node: &NodeState, prefix: &str) -> Vec<Claim> {
         let replica = node.replica.lock().expect("replica lock");
         replica
             .map()
-            .list(CLAIM_PREFIX)
+            .list(prefix)
             .filter_map(|e| {
                 let rest = &e.key[CLAIM_PREFIX.len()..];
                 let (workload, idx) = rest.rsplit_once('/')?;

@@ -519,9 +519,8 @@ impl Functions {
     fn claimed_nodes(&self, name: &str) -> Vec<PeerId> {
         let workload = format!("{FN_PREFIX}{name}");
         let table = self.node.membership.read().expect("membership lock");
-        let mut nodes: Vec<PeerId> = Scheduler::claims(&self.node)
+        let mut nodes: Vec<PeerId> = Scheduler::claims_of(&self.node, &workload)
             .into_iter()
-            .filter(|c| c.workload == workload)
             .filter(|c| {
                 table
                     .get(&c.node)

@@ -470,9 +470,8 @@ pub fn node_ip(node: &NodeState, peer: &str) -> Option<std::net::IpAddr> {
 /// Healthy replicas of a service that run under their current claim, local ones first.
 pub fn endpoints(node: &NodeState, name: &str) -> Vec<Endpoint> {
     let workload = workload_id(name);
-    let claims: HashMap<u32, (String, u64)> = Scheduler::claims(node)
+    let claims: HashMap<u32, (String, u64)> = Scheduler::claims_of(node, &workload)
         .into_iter()
-        .filter(|c| c.workload == workload)
         .map(|c| (c.replica, (c.node, c.epoch)))
         .collect();
     let alive: std::collections::HashSet<String> = {
@@ -714,9 +713,8 @@ impl Services {
     pub fn ps(&self, name: &str) -> Result<Vec<ReplicaView>, ServiceError> {
         let spec = self.get(name)?;
         let workload = workload_id(name);
-        let claims: HashMap<u32, (String, u64)> = Scheduler::claims(&self.node)
+        let claims: HashMap<u32, (String, u64)> = Scheduler::claims_of(&self.node, &workload)
             .into_iter()
-            .filter(|c| c.workload == workload)
             .map(|c| (c.replica, (c.node, c.epoch)))
             .collect();
         let statuses = read_statuses(&self.node, name);
