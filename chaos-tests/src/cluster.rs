@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
+use crate::containers::{NodeStatus, StatusBoard};
 use crate::exec::{CmdOutput, run};
 use crate::firewall::Faults;
 use crate::history::{History, OpKind, Outcome};
@@ -108,6 +109,11 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Deadline for every node to list every node alive after the start.
     pub converge_timeout: Duration,
+    /// Give every node its own containerd namespace (`--containerd-namespace`,
+    /// named like its network namespace, see [`Cluster::containerd_namespace`])
+    /// and remove those namespaces, with everything in them, on drop. For the
+    /// service scenarios; see [`crate::containers`].
+    pub containerd: bool,
 }
 
 impl Default for ClusterOptions {
@@ -121,6 +127,7 @@ impl Default for ClusterOptions {
             labels: Vec::new(),
             ready_timeout: deadline(secs(20.0)),
             converge_timeout: deadline(secs(30.0)),
+            containerd: false,
         }
     }
 }
@@ -213,6 +220,7 @@ pub struct Cluster {
     history: History,
     failed: AtomicBool,
     logs_dumped: AtomicBool,
+    status: StatusBoard,
     // Declared after the slots so namespaces go after the processes.
     net: Netns,
     dir: Option<tempfile::TempDir>,
@@ -256,6 +264,10 @@ impl Cluster {
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, format!("{secret}\n"))?;
         let history = History::new();
+        if opts.containerd {
+            crate::containers::check_containerd()?;
+            crate::containers::cleanup_stale_namespaces();
+        }
         let cluster = Cluster {
             bins,
             opts,
@@ -265,6 +277,7 @@ impl Cluster {
             history,
             failed: AtomicBool::new(false),
             logs_dumped: AtomicBool::new(false),
+            status: StatusBoard::default(),
             net,
             dir: Some(dir),
             secret_file,
@@ -419,6 +432,23 @@ impl Cluster {
         slots[i].child.as_ref().and_then(|_| slots[i].pid)
     }
 
+    /// Node `i`'s containerd namespace (the same name as its network
+    /// namespace); only passed to `meshd` with [`ClusterOptions::containerd`].
+    pub fn containerd_namespace(&self, i: usize) -> String {
+        self.net.namespace_name(i)
+    }
+
+    /// Whether the harness has node `i` running, paused or down, as a shared
+    /// board a background thread can read (see [`crate::containers::ReplicaWatch`]).
+    pub fn status_board(&self) -> StatusBoard {
+        self.status.clone()
+    }
+
+    /// Node `i`'s status as the harness left it (up, paused, down).
+    pub fn node_status(&self, i: usize) -> NodeStatus {
+        self.status.get(i)
+    }
+
     /// True while node `i`'s process runs (paused counts as running).
     pub fn is_running(&self, i: usize) -> bool {
         let mut slots = self.slots.lock().unwrap();
@@ -455,6 +485,10 @@ impl Cluster {
         if let Some(m) = self.opts.memory {
             a.push("--memory".into());
             a.push(m.to_string());
+        }
+        if self.opts.containerd {
+            a.push("--containerd-namespace".into());
+            a.push(self.containerd_namespace(i));
         }
         for (k, v) in &self.opts.labels {
             a.push("--label".into());
@@ -510,6 +544,7 @@ impl Cluster {
         slot.pid = Some(child.id());
         slot.child = Some(child);
         slot.paused = false;
+        self.status.set(i, NodeStatus::Up);
         Ok(())
     }
 
@@ -570,8 +605,48 @@ impl Cluster {
         let _ = child.wait();
         slot.paused = false;
         drop(slots);
+        self.status.set(i, NodeStatus::Down);
         self.history.event(format!("kill -9 n{i}"));
         Ok(())
+    }
+
+    /// A host crash: SIGKILLs node `i`'s `meshd` and then every other process
+    /// in its network namespace (its containers, which joined that namespace);
+    /// their containerd shims live on and report the tasks stopped. Returns
+    /// how many processes besides `meshd` were killed.
+    pub fn crash_host(&self, i: usize) -> Result<usize> {
+        {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = &mut slots[i];
+            let mut child = slot
+                .child
+                .take()
+                .ok_or_else(|| anyhow!("node {i} is not running"))?;
+            let _ = child.kill();
+            let _ = child.wait();
+            slot.paused = false;
+        }
+        self.status.set(i, NodeStatus::Down);
+        let ns = self.net.namespace_name(i);
+        let mut killed = 0;
+        // A container may fork between listing and killing: a few rounds.
+        for _ in 0..5 {
+            let pids = crate::exec::run_ok("ip", &["netns", "pids", &ns])?;
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                if crate::exec::run_ok("kill", &["-KILL", pid]).is_ok() {
+                    killed += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.history.event(format!(
+            "crash host n{i}: kill -9 meshd and {killed} container process(es)"
+        ));
+        Ok(killed)
     }
 
     fn signal(&self, i: usize, sig: &str) -> Result<()> {
@@ -586,6 +661,7 @@ impl Cluster {
     pub fn pause(&self, i: usize) -> Result<()> {
         self.signal(i, "-STOP")?;
         self.slots.lock().unwrap()[i].paused = true;
+        self.status.set(i, NodeStatus::Paused);
         self.history.event(format!("SIGSTOP n{i}"));
         Ok(())
     }
@@ -594,6 +670,7 @@ impl Cluster {
     pub fn resume(&self, i: usize) -> Result<()> {
         self.signal(i, "-CONT")?;
         self.slots.lock().unwrap()[i].paused = false;
+        self.status.set(i, NodeStatus::Up);
         self.history.event(format!("SIGCONT n{i}"));
         Ok(())
     }
@@ -1015,6 +1092,13 @@ impl Drop for Cluster {
             }
         }
         self.net.cleanup();
+        if self.opts.containerd {
+            // After the processes (nothing restarts a container now) and the
+            // network namespaces (whose deletion killed the containers' processes).
+            for i in 0..self.slots.get_mut().unwrap().len() {
+                crate::containers::remove_namespace(&self.containerd_namespace(i));
+            }
+        }
         let failed = panicking || self.failed.load(Ordering::Relaxed) || self.history.has_failed();
         if failed && !self.logs_dumped.load(Ordering::Relaxed) {
             self.dump_logs();

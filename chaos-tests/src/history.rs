@@ -124,6 +124,7 @@ pub struct Event {
 struct Inner {
     ops: Vec<OpRecord>,
     events: Vec<Event>,
+    observations: Vec<Event>,
     next_id: u64,
     failed: bool,
 }
@@ -170,6 +171,26 @@ impl History {
         let at = self.now();
         eprintln!("chaos {} event {what}", fmt_t(at));
         self.inner.lock().unwrap().events.push(Event { at, what });
+    }
+
+    /// Records what an observer saw (e.g. which containers run where), at
+    /// `at`, and echoes it to stderr. Observers record only changes, so the
+    /// timeline stays readable.
+    pub fn observe_at(&self, at: Duration, what: impl Into<String>) {
+        let what = what.into();
+        eprintln!("chaos {} seen  {what}", fmt_t(at));
+        self.inner
+            .lock()
+            .unwrap()
+            .observations
+            .push(Event { at, what });
+    }
+
+    /// All observations, in time order.
+    pub fn observations(&self) -> Vec<Event> {
+        let mut v = self.inner.lock().unwrap().observations.clone();
+        v.sort_by_key(|e| e.at);
+        v
     }
 
     /// Records a finished operation that ran from `start` to `end`.
@@ -233,6 +254,13 @@ impl History {
                 e.at,
                 0,
                 format!("{}            nemesis  {}", fmt_t(e.at), e.what),
+            ));
+        }
+        for e in self.observations() {
+            rows.push((
+                e.at,
+                2,
+                format!("{}            seen     {}", fmt_t(e.at), e.what),
             ));
         }
         for o in ops {

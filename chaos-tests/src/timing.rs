@@ -28,6 +28,19 @@ pub fn full() -> bool {
     )
 }
 
+/// For scenarios of the full set only: returns true (after printing
+/// `skipped: full set only ...`) unless `CHAOS_FULL=1`; the test then returns
+/// early and passes. The fast subset (CI) runs without `CHAOS_FULL`.
+pub fn full_only(test: &str) -> bool {
+    if full() {
+        return false;
+    }
+    let line = format!("skipped: full set only (set CHAOS_FULL=1 to run it): {test}");
+    eprintln!("{line}");
+    println!("{line}");
+    true
+}
+
 /// A scenario length: `base × CHAOS_SCALE`.
 pub fn scaled(base: Duration) -> Duration {
     base.mul_f64(scale())

@@ -64,6 +64,9 @@ const HEALTH_EVERY: Duration = Duration::from_secs(2);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_FAILURES: u32 = 3;
 const HEALTH_START_PERIOD: Duration = Duration::from_secs(60);
+/// How long containerd may not answer before the node stops offering to run containers
+/// (its replicas then move elsewhere).
+const CONTAINERD_GRACE: Duration = Duration::from_secs(30);
 /// Without a health check, a container counts as healthy once it has run this long.
 const RUNNING_IS_HEALTHY_AFTER: Duration = Duration::from_millis(300);
 
@@ -133,6 +136,7 @@ impl Supervisor {
             Duration::from_millis(100),
         );
         let mut next_probe = Instant::now();
+        let mut unanswered_since: Option<Instant> = None;
         while pacer.next(&mut shutdown).await {
             // containerd: connect, and re-check that it answers every 5 s.
             if Instant::now() >= next_probe {
@@ -170,10 +174,18 @@ impl Supervisor {
                     },
                     Some(s) => {
                         let ok = s.runtime.list().await.is_ok();
-                        if ok != self.ready() {
+                        if ok != unanswered_since.is_none() {
                             tracing::warn!(answering = ok, "containerd availability changed");
                         }
-                        self.set_ready(ok);
+                        // A containerd restart is not a lost node: its containers run on, so
+                        // the node keeps its replicas unless containerd stays away.
+                        let since = if ok {
+                            unanswered_since = None;
+                            None
+                        } else {
+                            Some(*unanswered_since.get_or_insert_with(Instant::now))
+                        };
+                        self.set_ready(since.is_none_or(|t| t.elapsed() < CONTAINERD_GRACE));
                     }
                 }
             }
@@ -263,12 +275,6 @@ impl Supervisor {
         for r in runners.values() {
             r.task.abort();
         }
-    }
-
-    fn ready(&self) -> bool {
-        self.node
-            .containers_ready
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn set_ready(&self, ready: bool) {
@@ -455,7 +461,15 @@ async fn run_replica(
                     let _ = rt.kill_now(&l.id).await;
                 }
                 if let Err(e) = rt.remove(&l.id).await {
+                    // containerd down or restarting: keep the container and try again, or
+                    // it would run on with nobody watching it (next to its replacement).
                     tracing::warn!(container = %l.id, error = %e, "cannot remove container");
+                    live = Some(l);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = want_rx.changed() => {}
+                    }
+                    continue;
                 }
                 shared.ports.lock().expect("ports lock").remove(&l.port);
             }
