@@ -633,10 +633,19 @@ async fn run_wasm(
         WASM_NO_TIMEOUT
     };
     let limits = Limits::new(spec.memory_bytes, timeout);
-    let run = ctx.functions.run_module(module, request, limits);
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let run = ctx
+        .functions
+        .run_module(module, request, limits, cancel.clone());
+    tokio::pin!(run);
     let result = tokio::select! {
-        r = run => r,
-        _ = stop.wait_for(|s| *s) => return None,
+        r = &mut run => r,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            // Kill the module's thread, wait for it to end, and record nothing here.
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = run.await;
+            return None;
+        }
     };
     let mut log = Vec::new();
     let outcome = match result {

@@ -470,17 +470,21 @@ impl Functions {
 
     /// Runs a module (a blob in the registry) once on this node, outside any function: for
     /// batch jobs. Fetches and compiles it as a function's module would be; keeps no stats.
+    /// Setting `cancel` kills the run (it ends as a timeout).
     pub async fn run_module(
         &self,
         module: &Hash,
         request: CgiRequest,
         limits: Limits,
+        cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<CgiResponse, FunctionError> {
         let (module, _) = self.load(module).await?;
         let runtime = self.runtime()?;
-        let result = tokio::task::spawn_blocking(move || runtime.invoke(&module, request, &limits))
-            .await
-            .expect("invoke task");
+        let result = tokio::task::spawn_blocking(move || {
+            runtime.invoke_cancellable(&module, request, &limits, &cancel)
+        })
+        .await
+        .expect("invoke task");
         Ok(result?)
     }
 
@@ -683,10 +687,13 @@ impl Functions {
             .unwrap_or_default()
     }
 
+    /// Other nodes not declared dead (a suspect one, e.g. busy for a moment, is still asked:
+    /// leaving it out would make counters jump).
     fn live_peers(&self) -> Vec<PeerId> {
         let table = self.node.membership.read().expect("membership lock");
         table
             .peers_in(MemberState::Alive)
+            .chain(table.peers_in(MemberState::Suspect))
             .filter_map(|m| m.heartbeat.peer_id.parse().ok())
             .collect()
     }

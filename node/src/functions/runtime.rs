@@ -623,6 +623,18 @@ impl FunctionRuntime {
         req: CgiRequest,
         limits: &Limits,
     ) -> Result<CgiResponse, InvokeError> {
+        self.invoke_cancellable(module, req, limits, &AtomicBool::new(false))
+    }
+
+    /// [`FunctionRuntime::invoke`], also ended early (as a timeout) once `cancel` turns
+    /// true: the call is killed as at its deadline. Checked every 100 ms.
+    pub fn invoke_cancellable(
+        &self,
+        module: &LoadedModule,
+        req: CgiRequest,
+        limits: &Limits,
+        cancel: &AtomicBool,
+    ) -> Result<CgiResponse, InvokeError> {
         let started = Instant::now();
         let raw_output = req.raw_output;
         let env = cgi_environment(&req);
@@ -665,19 +677,28 @@ impl FunctionRuntime {
             })
             .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
 
-        let outcome = match done_rx.recv_timeout(limits.timeout) {
-            Ok(outcome) => outcome,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Counted before `done_rx` is dropped (at return), so the
-                // thread's decrement always comes after this increment.
-                self.runaway.fetch_add(1, Ordering::SeqCst);
-                kill.kill();
-                Err(Failure::Exhausted)
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(InvokeError::Internal(
-                    "the call thread ended without a result (it panicked)".to_owned(),
-                ));
+        let deadline = started + limits.timeout;
+        let outcome = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done_rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(outcome) => break outcome,
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if Instant::now() < deadline && !cancel.load(Ordering::SeqCst) =>
+                {
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Counted before `done_rx` is dropped (at return), so the
+                    // thread's decrement always comes after this increment.
+                    self.runaway.fetch_add(1, Ordering::SeqCst);
+                    kill.kill();
+                    break Err(Failure::Exhausted);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(InvokeError::Internal(
+                        "the call thread ended without a result (it panicked)".to_owned(),
+                    ));
+                }
             }
         };
         let stderr_bytes = stderr.contents();
