@@ -559,9 +559,35 @@ async fn a_node_without_containerd_runs_no_services_but_keeps_serving() {
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     let nodes = c.nodes().await.unwrap();
     assert!(!nodes[0].labels.contains_key("meshwork.containers"));
-    // The node still answers its other APIs.
+    // The node still answers its other APIs and runs functions.
     let (status, _) = http_call(cluster.nodes[0].http, "GET", "/healthz", b"").await;
     assert_eq!(status, 200);
+    let wasm = std::fs::read(common::example_wasm("hello")).unwrap();
+    let blob = c
+        .put_blob(
+            std::io::Cursor::new(wasm),
+            meshwork_client::UploadOptions {
+                pinned: true,
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    c.deploy_function(pb::DeployFunctionRequest {
+        name: "hello".into(),
+        module: blob.blake3,
+        memory_bytes: 64 << 20,
+        timeout_ms: 5000,
+        concurrency: 4,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (status, body) = http_call(cluster.nodes[0].http, "GET", "/fn/hello?name=ann", b"").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("hello, ann"));
 }
 
 /// An image whose command answers an HTTP upgrade with 101 and then echoes every byte:
