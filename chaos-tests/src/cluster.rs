@@ -649,6 +649,65 @@ impl Cluster {
         Ok(killed)
     }
 
+    /// A graceful stop, as a service manager does it: SIGTERMs node `i`'s
+    /// `meshd` and waits up to `limit` for it to exit (its containers keep
+    /// running: `meshd` leaves them for the next start to adopt). Fails,
+    /// after a SIGKILL, if it is still running then, and fails if it exits
+    /// with anything but status 0. Returns how long the exit took.
+    pub fn stop(&self, i: usize, limit: Duration) -> Result<Duration> {
+        let mut child = {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = &mut slots[i];
+            let child = slot
+                .child
+                .take()
+                .ok_or_else(|| anyhow!("node {i} is not running"))?;
+            slot.paused = false;
+            child
+        };
+        let began = Instant::now();
+        let sent = crate::exec::run_ok("kill", &["-TERM", &child.id().to_string()]);
+        self.history.event(format!("SIGTERM n{i}"));
+        let mut status = None;
+        if sent.is_ok() {
+            while began.elapsed() < limit {
+                if let Ok(Some(s)) = child.try_wait() {
+                    status = Some(s);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let took = began.elapsed();
+        self.status.set(i, NodeStatus::Down);
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.mark_failed();
+            self.history.event(format!(
+                "n{i} still running {:.1}s after SIGTERM: SIGKILLed",
+                took.as_secs_f64()
+            ));
+            bail!(
+                "node {i} did not exit within {:.1}s of SIGTERM ({})",
+                limit.as_secs_f64(),
+                sent.err().map(|e| format!("{e:#}")).unwrap_or_default()
+            );
+        };
+        self.history.event(format!(
+            "n{i} exited after SIGTERM in {:.1}s: {status}",
+            took.as_secs_f64()
+        ));
+        if !status.success() {
+            self.mark_failed();
+            bail!(
+                "node {i} exited with {status} after SIGTERM; last log line: {}",
+                tail(&self.log_path(i), 1)
+            );
+        }
+        Ok(took)
+    }
+
     fn signal(&self, i: usize, sig: &str) -> Result<()> {
         let pid = self
             .pid(i)

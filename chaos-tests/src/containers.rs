@@ -4,7 +4,9 @@
 //! The service scenarios do not trust what `meshd` reports about its
 //! replicas; they ask containerd. Every node has its own containerd namespace
 //! (named like its network namespace) in the one shared containerd, and
-//! containers carry the labels `meshwork.service` and `meshwork.replica`.
+//! containers carry the labels `meshwork.service` and `meshwork.replica`
+//! (batch job containers `meshwork.job` and `meshwork.job-index`: they are
+//! sampled as service `job/<id>`, replica = index).
 //! A [`ReplicaWatch`] thread lists the running tasks of every node's namespace
 //! (`ctr -n NS task ls`, plus `ctr -n NS containers info ID` once per new
 //! container for its labels) about twice a second and keeps every sample, with
@@ -48,6 +50,10 @@ use crate::netns::{capability_check, run_id_of_namespace};
 pub const LABEL_SERVICE: &str = "meshwork.service";
 /// Label naming a container's replica index.
 pub const LABEL_REPLICA: &str = "meshwork.replica";
+/// Label naming a batch job container's job id.
+pub const LABEL_JOB: &str = "meshwork.job";
+/// Label naming a batch job container's index.
+pub const LABEL_JOB_INDEX: &str = "meshwork.job-index";
 /// containerd's socket (the nodes use the default).
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// Time limit of one `ctr` call.
@@ -236,7 +242,14 @@ pub fn cleanup_stale_namespaces() -> usize {
     removed
 }
 
-/// A running container of a service.
+/// The name under which the samples list the containers of batch job `id`
+/// (`job/<id>`; the job index is the "replica"), so the same placement
+/// checks apply: an index running twice at once is a duplicate.
+pub fn job_service(id: &str) -> String {
+    format!("job/{id}")
+}
+
+/// A running container of a service (or of a batch job, see [`job_service`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RunningContainer {
     /// containerd container id.
@@ -278,6 +291,11 @@ fn replica_labels(
     let info: ContainerInfo = serde_json::from_str(&out.stdout)
         .context("parsing `ctr containers info`")
         .map_err(Some)?;
+    if let (Some(job), Some(index)) = (info.labels.get(LABEL_JOB), info.labels.get(LABEL_JOB_INDEX))
+        && let Ok(index) = index.parse::<u32>()
+    {
+        return Ok(Some((job_service(job), index)));
+    }
     let service = info.labels.get(LABEL_SERVICE).cloned();
     let replica = info
         .labels
@@ -1046,6 +1064,27 @@ impl Cluster {
     pub fn svc_ls(&self, i: usize) -> Result<Vec<ServiceView>> {
         let out = self.meshctl_ok(i, &["svc", "ls", "--json"])?;
         serde_json::from_str(&out).with_context(|| format!("parsing `svc ls --json`: {out}"))
+    }
+
+    /// The desired state of every service as node `i` lists it (`svc ls
+    /// --json` without the status fields `running`, `pending`, `updated` and
+    /// `rollout`): name -> spec (image, replicas, CPU, memory, port, env,
+    /// command, health check, strategy, constraints, generation, created).
+    pub fn svc_specs(&self, i: usize) -> Result<BTreeMap<String, serde_json::Value>> {
+        let out = self.meshctl_ok(i, &["svc", "ls", "--json"])?;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out)
+            .with_context(|| format!("parsing `svc ls --json`: {out}"))?;
+        let mut specs = BTreeMap::new();
+        for mut s in list {
+            let name = s["name"].as_str().unwrap_or_default().to_string();
+            if let Some(fields) = s.as_object_mut() {
+                for status in ["running", "pending", "updated", "rollout"] {
+                    fields.remove(status);
+                }
+            }
+            specs.insert(name, s);
+        }
+        Ok(specs)
     }
 
     /// `svc ps NAME --json` on node `i`.
