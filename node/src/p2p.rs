@@ -419,7 +419,27 @@ impl MeshNetwork {
                 _ = shutdown.changed() => break,
             }
         }
+        self.close_connections().await;
         tracing::info!("network task stopped");
+    }
+
+    /// Closes every connection and drives the swarm briefly (at most 500 ms) so the close
+    /// reaches the peers. They then drop this process's connections at once, and a restarted
+    /// process gets fresh connections (with its gossip subscriptions) instead of waiting for
+    /// the old ones to time out.
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(deadline);
+        while self.swarm.connected_peers().next().is_some() {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = self.swarm.select_next_some() => {}
+            }
+        }
     }
 
     fn local(&self) -> PeerId {
