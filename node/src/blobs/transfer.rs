@@ -37,6 +37,8 @@ use super::store::{BlobInfo, BlobStore, ChunkList, Hash, StoreError};
 
 /// The stream protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/blobs/1");
+/// How long a pull waits for a holder to be known before it fails with `NoHolders`.
+const HOLDERS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most chunks asked for in one request.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 8;
 const MAX_REQUEST_BYTES: u32 = 64 * 1024;
@@ -369,7 +371,14 @@ pub async fn fetch(
             .expect("commit task")?;
         return Ok((info, FetchReport::default()));
     }
-    let initial = sources();
+    // The blob's record can arrive before its holder records (gossip has no order across
+    // keys): give the holders a few seconds to show up before giving up.
+    let mut initial = sources();
+    let wait_for_holders = tokio::time::Instant::now() + HOLDERS_GRACE;
+    while initial.is_empty() && tokio::time::Instant::now() < wait_for_holders {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        initial = sources();
+    }
     if initial.is_empty() {
         return Err(FetchError::NoHolders(blob));
     }
