@@ -693,7 +693,10 @@ mod tests {
         use AttemptState::*;
         assert_eq!(index_state(&s, &[], &[]).0, JobState::Runnable);
         let a1 = attempt(1, Failed, Some(3), "");
-        assert_eq!(index_state(&s, std::slice::from_ref(&a1), &[]).0, JobState::Runnable);
+        assert_eq!(
+            index_state(&s, std::slice::from_ref(&a1), &[]).0,
+            JobState::Runnable
+        );
         let a3 = attempt(3, Failed, Some(3), "");
         assert_eq!(
             index_state(&s, &[a1.clone(), attempt(2, Failed, Some(3), ""), a3], &[]).0,
@@ -702,7 +705,10 @@ mod tests {
         );
         let mut only = spec();
         only.retry_on_exit = vec![137];
-        assert_eq!(index_state(&only, std::slice::from_ref(&a1), &[]).0, JobState::Failed);
+        assert_eq!(
+            index_state(&only, std::slice::from_ref(&a1), &[]).0,
+            JobState::Failed
+        );
         assert_eq!(
             index_state(&only, &[attempt(1, Failed, Some(137), "")], &[]).0,
             JobState::Runnable
