@@ -271,6 +271,21 @@ impl Registry {
         self.read(&format!("{BLOB_PREFIX}{hash}"))
     }
 
+    /// A blob's meta, waiting a few seconds for it to arrive: the record naming the blob
+    /// (an image, a function) can arrive by gossip before the blob's own record does.
+    async fn wait_blob_meta(&self, hash: &Hash) -> Result<BlobMeta, RegistryError> {
+        let deadline = tokio::time::Instant::now() + transfer::HOLDERS_GRACE;
+        loop {
+            if let Some(meta) = self.blob_meta(hash)? {
+                return Ok(meta);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RegistryError::UnknownBlob(*hash));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Records that this node holds a complete blob, and the blob's meta if new.
     pub fn record_local(
         &self,
@@ -398,9 +413,7 @@ impl Registry {
         hash: &Hash,
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<BlobInfo, RegistryError> {
-        let meta = self
-            .blob_meta(hash)?
-            .ok_or(RegistryError::UnknownBlob(*hash))?;
+        let meta = self.wait_blob_meta(hash).await?;
         let gate = self
             .pulls
             .lock()

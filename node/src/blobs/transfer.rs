@@ -37,8 +37,9 @@ use super::store::{BlobInfo, BlobStore, ChunkList, Hash, StoreError};
 
 /// The stream protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/blobs/1");
-/// How long a pull waits for a holder to be known before it fails with `NoHolders`.
-const HOLDERS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a pull waits for a blob's records (its meta, its holders) to arrive before it
+/// fails: gossip has no order across keys, so an image can be known before its blobs are.
+pub const HOLDERS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Most chunks asked for in one request.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 8;
 const MAX_REQUEST_BYTES: u32 = 64 * 1024;
