@@ -609,6 +609,7 @@ async fn call_function(
         env: Default::default(),
         args: vec![],
         raw_output: false,
+        scratch: None,
     };
     match state.functions.invoke(name, cgi).await {
         Ok(resp) => {

@@ -64,10 +64,17 @@ async fn arrays_spread_and_survive_a_lost_node() {
 
     // 20 indices over 3 nodes: exactly 20 SUCCEEDED, each once, on more than one node.
     // `$MESH_JOB_INDEX` in the arguments is the index (the module refuses a non-number).
+    // Each attempt writes and reads its scratch directory and fails if it can leave it.
     let mut req = wasm_job(
         "sum",
         &module,
-        &["--sleep-ms", "$MESH_JOB_INDEX", "--sum", "1000000"],
+        &[
+            "--sleep-ms",
+            "$MESH_JOB_INDEX",
+            "--scratch",
+            "--sum",
+            "1000000",
+        ],
     );
     req.array = 20;
     // Retries only so that a node falsely declared dead on a loaded machine costs an
@@ -99,7 +106,14 @@ async fn arrays_spread_and_survive_a_lost_node() {
         text.push_str(&String::from_utf8_lossy(&chunk.data));
     }
     assert!(text.contains("task index=7 attempt=1"), "{text:?}");
+    assert!(text.contains("scratch ok"), "{text:?}");
     assert!(text.contains("sum=500000500000"), "{text:?}");
+    // Every attempt's scratch directory was removed when it ended.
+    for n in &m.cluster.nodes {
+        let scratch = n.data_dir.join("job-scratch");
+        let left = std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "scratch left in {}", scratch.display());
+    }
 
     // Long indices; kill -9 a node while it runs some: they finish elsewhere, once each.
     let mut req = wasm_job("slow", &module, &["--sleep-ms", "6000"]);

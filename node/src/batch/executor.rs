@@ -9,8 +9,8 @@
 //!   `MESH_JOB_INDEX`, `MESH_JOB_ATTEMPT` in its environment and a scratch directory of its
 //!   own on the node's disk bind-mounted at `/scratch` (`MESH_SCRATCH`), removed afterwards;
 //!   `$MESH_JOB_*` references in the command are replaced by their values (no shell needed);
-//! - a Wasm job in Wasmer as a WASI command (arguments, environment, raw stdout), with no
-//!   file system (WASI jobs get no scratch directory).
+//! - a Wasm job in Wasmer as a WASI command (arguments, environment, raw stdout), whose only
+//!   files are its own scratch directory, preopened at `/scratch`.
 //!
 //! Output goes to `<data dir>/job-logs/job-<id>-<index>-<attempt>.log` (rotated at 1 MiB,
 //! one old part kept; the newest 2000 logs kept on a node), readable from any node.
@@ -564,6 +564,15 @@ async fn run_container(
     outcome
 }
 
+/// Removes an attempt's scratch directory; a failure only costs disk, so it is logged.
+fn remove_scratch(dir: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a scratch directory");
+    }
+}
+
 /// Waits for the container to exit, its timeout, or a stop.
 async fn watch_container(
     rt: &ContainerRuntime,
@@ -617,14 +626,23 @@ async fn run_wasm(
     name: &str,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Outcome> {
+    let scratch = ctx.scratch_dir.join(name);
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
+        return failed(format!("scratch directory: {e}"));
+    }
     attempt.state = AttemptState::Running;
     write_attempt(&ctx.node, &spec.id, index, attempt);
-    let env = job_env(spec, index, attempt.number);
+    let mut env = job_env(spec, index, attempt.number);
+    env.push((
+        "MESH_SCRATCH".into(),
+        crate::functions::runtime::SCRATCH_PATH.into(),
+    ));
     let request = CgiRequest {
         method: "GET".into(),
         args: expand_args(&spec.cmd, &env),
         env: env.into_iter().collect(),
         raw_output: true,
+        scratch: Some(scratch.clone()),
         ..Default::default()
     };
     let timeout = if spec.timeout_ms > 0 {
@@ -644,9 +662,11 @@ async fn run_wasm(
             // Kill the module's thread, wait for it to end, and record nothing here.
             cancel.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = run.await;
+            remove_scratch(&scratch);
             return None;
         }
     };
+    remove_scratch(&scratch);
     let mut log = Vec::new();
     let outcome = match result {
         Ok(resp) => {

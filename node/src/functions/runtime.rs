@@ -48,7 +48,11 @@
 //! * Standard error is captured (the first [`MAX_STDERR_BYTES`]) for logs and
 //!   error reports.
 //! * The file system is an empty, read-only `/` (the one preopened
-//!   directory): nothing can be read or created. There is no network.
+//!   directory): nothing can be read or created. There is no network. A
+//!   request with a [`CgiRequest::scratch`] directory (batch jobs) also gets
+//!   that host directory, read-write, preopened at `/scratch`. The guest cannot leave it: paths are normalized
+//!   below its root, and symlinks and hard links the guest makes stay
+//!   virtual (they never reach the host), so a fresh directory holds none.
 //! * Exiting with `proc_exit(0)` is a normal end; any other exit code, a trap
 //!   (e.g. a Rust panic, which aborts), running out of memory or of time is a
 //!   failed invocation ([`InvokeError`], with [`InvokeError::http_status`]).
@@ -100,6 +104,9 @@ use wasmer_wasix::{WasiEnv, WasiError};
 /// Most bytes of standard output (the CGI response) a call may write; more
 /// fails the call with [`InvokeError::OutputTooLarge`].
 pub const MAX_STDOUT_BYTES: usize = 32 * 1024 * 1024;
+
+/// Where a call's scratch directory ([`CgiRequest::scratch`]) appears to the module.
+pub const SCRATCH_PATH: &str = "/scratch";
 
 /// Most bytes of standard error kept per call; the rest is dropped silently
 /// (writes still succeed, so logging never breaks a function).
@@ -256,6 +263,10 @@ pub struct CgiRequest {
     /// Hand back standard output as the body, unparsed (batch jobs are commands, not CGI).
     #[serde(default)]
     pub raw_output: bool,
+    /// A host directory the module may read and write, seen as `/scratch` (batch jobs' scratch
+    /// space). Local to this node, so never sent over the wire; `None` for functions.
+    #[serde(skip)]
+    pub scratch: Option<PathBuf>,
 }
 
 /// A function's response, parsed from its standard output.
@@ -490,6 +501,15 @@ impl Drop for FunctionRuntime {
 }
 
 impl FunctionRuntime {
+    /// The WASI task runtime's handle (host file systems run their I/O on it).
+    fn tasks_handle(&self) -> tokio::runtime::Handle {
+        self.tasks
+            .as_ref()
+            .expect("the task runtime lives until drop")
+            .handle()
+            .clone()
+    }
+
     /// A runtime whose compiled artifacts live in `cache_dir` (created if
     /// missing; it should be inside the node's own data dir, since artifacts
     /// are trusted machine code).
@@ -637,6 +657,7 @@ impl FunctionRuntime {
     ) -> Result<CgiResponse, InvokeError> {
         let started = Instant::now();
         let raw_output = req.raw_output;
+        let scratch = req.scratch.clone();
         let env = cgi_environment(&req);
         for (key, value) in &env {
             if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
@@ -663,6 +684,8 @@ impl FunctionRuntime {
             memory_hit: memory_hit.clone(),
             budget,
             kill: kill.clone(),
+            scratch,
+            tasks: self.tasks_handle(),
         };
 
         let runaway = self.runaway.clone();
@@ -1258,6 +1281,8 @@ struct Call {
     memory_hit: Arc<AtomicBool>,
     budget: u64,
     kill: Arc<KillSwitch>,
+    scratch: Option<PathBuf>,
+    tasks: tokio::runtime::Handle,
 }
 
 /// Lets the invoking thread stop a call's WASI process at the deadline.
@@ -1315,16 +1340,38 @@ impl Call {
             hit: self.memory_hit,
         });
         let mut store = Store::new(engine);
-        let no_files: Arc<dyn virtual_fs::FileSystem + Send + Sync> =
-            Arc::new(EmptyFileSystem::default());
-        let builder = WasiEnv::builder("function")
+        // Host file I/O (a scratch directory) runs on the WASI task runtime.
+        let _tasks = self.tasks.enter();
+        let mut builder = WasiEnv::builder("function")
             .args(self.args)
             .envs(self.env)
             .stdin(Box::new(self.stdin))
             .stdout(Box::new(self.stdout))
             .stderr(Box::new(self.stderr))
-            .fs(no_files)
             .runtime(self.wasi_runtime);
+        match &self.scratch {
+            None => {
+                let no_files: Arc<dyn virtual_fs::FileSystem + Send + Sync> =
+                    Arc::new(EmptyFileSystem::default());
+                builder = builder.fs(no_files);
+            }
+            Some(dir) => {
+                let setup = |e: &dyn std::fmt::Display| {
+                    Failure::Setup(format!("scratch directory {}: {e}", dir.display()))
+                };
+                let host = virtual_fs::host_fs::FileSystem::new(self.tasks.clone(), dir)
+                    .map_err(|e| setup(&e))?;
+                let mounts = virtual_fs::MountFileSystem::new();
+                mounts
+                    .mount(SCRATCH_PATH, Arc::new(host))
+                    .map_err(|e| setup(&e))?;
+                let files: Arc<dyn virtual_fs::FileSystem + Send + Sync> = Arc::new(mounts);
+                builder = builder
+                    .fs(files)
+                    .preopen_dir(SCRATCH_PATH)
+                    .map_err(|e| setup(&e))?;
+            }
+        }
         let (instance, wasi_env) = builder
             .instantiate(self.module, &mut store)
             .map_err(|err| match err {
@@ -1940,6 +1987,8 @@ mod tests {
             memory_hit: Arc::new(AtomicBool::new(false)),
             budget: limits.fuel_budget(),
             kill: Arc::default(),
+            scratch: None,
+            tasks: runtime.tasks_handle(),
         };
         assert!(matches!(call.run(), Err(Failure::Exhausted)));
     }
@@ -2081,6 +2130,98 @@ mod tests {
         assert!(message.starts_with("exit code "), "{message}");
     }
 
+    /// A batch-style request running `task` with `args` and `scratch`.
+    fn task_request(args: &[&str], scratch: Option<&Path>) -> CgiRequest {
+        let mut env = BTreeMap::new();
+        if scratch.is_some() {
+            env.insert("MESH_SCRATCH".to_owned(), SCRATCH_PATH.to_owned());
+        }
+        CgiRequest {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env,
+            raw_output: true,
+            scratch: scratch.map(Path::to_path_buf),
+            ..CgiRequest::default()
+        }
+    }
+
+    #[test]
+    fn a_scratch_directory_is_read_write_and_cannot_be_left() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("task")).unwrap();
+        let host = tempfile::tempdir().unwrap();
+        // Something the module must not be able to see from inside its scratch directory.
+        fs::write(host.path().join("outside.txt"), "secret").unwrap();
+        let scratch = host.path().join("attempt");
+        fs::create_dir(&scratch).unwrap();
+        let resp = runtime
+            .invoke(
+                &module,
+                task_request(&["--scratch"], Some(&scratch)),
+                &limits(),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let out = text(&resp.body);
+        assert!(out.contains("scratch ok"), "{out}\n{}", text(&resp.stderr));
+        // The file the module wrote is on the host, inside the directory and nowhere else.
+        let written = fs::read_to_string(scratch.join("relative.txt")).unwrap();
+        assert!(written.starts_with("written by attempt"), "{written}");
+        assert!(scratch.join("a/b").is_dir());
+        for entry in fs::read_dir(&scratch).unwrap() {
+            let entry = entry.unwrap();
+            assert!(
+                !entry.file_type().unwrap().is_symlink(),
+                "a guest symlink reached the host: {}",
+                entry.path().display()
+            );
+        }
+        assert_eq!(fs::read_dir(host.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn without_a_scratch_directory_nothing_can_be_written() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("task")).unwrap();
+        let err = runtime
+            .invoke(&module, task_request(&["--scratch"], None), &limits())
+            .unwrap_err();
+        let InvokeError::Trap { message, stderr } = &err else {
+            panic!("expected a non-zero exit, got {err:?}");
+        };
+        assert_eq!(message, "exit code 3");
+        assert!(
+            text(stderr).contains("MESH_SCRATCH is not set"),
+            "{}",
+            text(stderr)
+        );
+        // Set the variable without the directory: the write itself fails.
+        let mut req = task_request(&["--scratch"], None);
+        req.env.insert("MESH_SCRATCH".into(), SCRATCH_PATH.into());
+        let err = runtime.invoke(&module, req, &limits()).unwrap_err();
+        let InvokeError::Trap { stderr, .. } = &err else {
+            panic!("expected a non-zero exit, got {err:?}");
+        };
+        assert!(text(stderr).contains("scratch: write"), "{}", text(stderr));
+    }
+
+    #[test]
+    fn a_missing_scratch_directory_is_a_setup_error() {
+        let (_dir, runtime) = runtime();
+        let (module, _) = load(&runtime, &example("task")).unwrap();
+        let gone = Path::new("/nonexistent/meshwork-scratch");
+        let err = runtime
+            .invoke(
+                &module,
+                task_request(&["--sum", "3"], Some(gone)),
+                &limits(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&err, InvokeError::Setup(m) if m.contains("scratch directory")),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn invalid_modules_are_refused_at_load_time() {
         let (_dir, runtime) = runtime();
@@ -2212,6 +2353,7 @@ mod tests {
             ]),
             args: Vec::new(),
             raw_output: false,
+            scratch: None,
         };
         let env = cgi_environment(&req);
         let get = |key: &str| env.get(key).map(String::as_str);

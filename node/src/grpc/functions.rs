@@ -128,6 +128,7 @@ impl FunctionService for FunctionApi {
             env: Default::default(),
             args: vec![],
             raw_output: false,
+            scratch: None,
         };
         match self.functions.invoke(&r.name, request).await {
             Ok(resp) => Ok(Response::new(pb::InvokeResponse {
