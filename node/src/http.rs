@@ -10,6 +10,8 @@
 //!   twice) is answered 400 with `Connection: close` (see [`crate::gateway::framing`]);
 //! - bodies over a route's limit get 413 from the declared length, or as soon as the streamed
 //!   body passes the limit; they are never buffered whole;
+//! - answers over a route's response limit get 502, or are cut while they stream (see
+//!   [`crate::gateway::response`]);
 //! - nothing from the request is echoed raw: a 404 names the path with `escape_debug`, and
 //!   function response headers that are not valid HTTP are dropped.
 
@@ -34,6 +36,7 @@ use crate::functions::{FunctionError, Functions, MAX_BODY_BYTES};
 use crate::gateway::framing::{FramingState, Guarded};
 use crate::gateway::jwt::JwtError;
 use crate::gateway::limits::Decision;
+use crate::gateway::response::{Source, has_body, refuse};
 use crate::gateway::router::request_host;
 use crate::gateway::stats::NO_ROUTE;
 use crate::gateway::{Auth, Gateway, Matched, RouteTarget, Snapshot, keys};
@@ -188,7 +191,7 @@ async fn invoke_function(
         .find(|(k, _)| k == "rest")
         .map(|(_, v)| format!("/{v}"))
         .unwrap_or_else(|| "/".into());
-    call_function(&state, &name, rest, request, MAX_BODY_BYTES).await
+    call_function(&state, &name, rest, request, MAX_BODY_BYTES, None).await
 }
 
 /// What the gateway did with a request, for the counters and the access log.
@@ -528,17 +531,17 @@ async fn checked_request(
         match &route.target {
             RouteTarget::Function(name) => {
                 let limit = usize::try_from(limit).unwrap_or(MAX_BODY_BYTES);
-                call_function(state, name, m.rest.clone(), request, limit).await
+                let response_limit = Some((route.label(), route.response_limit()));
+                call_function(state, name, m.rest.clone(), request, limit, response_limit).await
             }
             RouteTarget::Service(name) => {
                 crate::gateway::proxy_to_service(
                     &state.node,
                     name,
-                    route.websocket,
+                    route,
                     &m.rest,
                     request,
-                    limit,
-                    timeout,
+                    &state.gateway.stats,
                 )
                 .await
             }
@@ -560,12 +563,16 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// Calls function `name` with `request`, whose body may be at most `limit` bytes (413
+/// beyond). With `response_limit` (a route's label and its limit), an answer whose body is
+/// over the limit is refused with 502.
 async fn call_function(
     state: &AppState,
     name: &str,
     rest: String,
     request: Request,
     limit: usize,
+    response_limit: Option<(String, u64)>,
 ) -> Response {
     let (parts, body) = request.into_parts();
     let too_large = || {
@@ -613,6 +620,14 @@ async fn call_function(
     };
     match state.functions.invoke(name, cgi).await {
         Ok(resp) => {
+            let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
+            let length = resp.body.len() as u64;
+            if let Some((route, max)) = &response_limit
+                && length > *max
+                && has_body(&parts.method, status)
+            {
+                return refuse(route, Source::Function, length, *max);
+            }
             let mut headers = HeaderMap::new();
             for (k, v) in &resp.headers {
                 // Header names and values that are not valid HTTP (CR, LF, ...) are dropped.
@@ -621,7 +636,6 @@ async fn call_function(
                     headers.append(k, v);
                 }
             }
-            let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
             (status, headers, Body::from(resp.body)).into_response()
         }
         Err(e) => {

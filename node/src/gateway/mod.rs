@@ -1,6 +1,6 @@
 //! The API gateway on every node's HTTP listener: routes to functions and services, methods,
-//! path parameters, host matching, CORS, body limits and timeouts per route, API keys with
-//! usage plans throttled mesh-wide, JWT auth, and per-route monitoring.
+//! path parameters, host matching, CORS, request and response size limits and timeouts per
+//! route, API keys with usage plans throttled mesh-wide, JWT auth, and per-route monitoring.
 //!
 //! - **Routes** are records in the replicated state (`route<path>`, or `route@<host><path>` for
 //!   a route bound to a host; a `{param}` segment is stored as `:param` in the key), so every
@@ -16,6 +16,8 @@
 //!   in constant time; each node enforces a share of a plan's rate, rebalanced every second from
 //!   per-key request counters that every node publishes in the replicated state.
 //! - **JWT** ([`jwt`]): HS256 and RS256 per route, expiry and audience checked.
+//! - **Response limits** ([`response`]): a service's answer declaring more than the route's
+//!   limit gets 502, a streamed one is cut where it passes the limit; a function's gets 502.
 //! - **Hardening**: see [`framing`] and `crate::http`.
 //! - **Monitoring** ([`stats`]): per-route counters and latency on `/metrics` and, summed over
 //!   the nodes, in `meshctl gateway stats`.
@@ -25,6 +27,7 @@ pub mod jwt;
 pub mod keys;
 pub mod limits;
 mod proxy;
+pub mod response;
 pub mod router;
 pub mod stats;
 
@@ -46,6 +49,12 @@ const ROUTE_PREFIX: &str = "route";
 pub const DEFAULT_MAX_BODY: u64 = crate::functions::MAX_BODY_BYTES as u64;
 /// Largest body limit a service route may set.
 pub const MAX_BODY_LIMIT: u64 = 1 << 30;
+/// Default response body limit of a route: 10 MiB, API Gateway's payload limit.
+pub const DEFAULT_MAX_RESPONSE: u64 = 10 << 20;
+/// Largest response limit a service route may set.
+pub const MAX_RESPONSE_LIMIT: u64 = 16 << 30;
+/// Largest response limit a function route may set: all a function may write at all.
+pub const MAX_FN_RESPONSE_LIMIT: u64 = crate::functions::runtime::MAX_STDOUT_BYTES as u64;
 /// Default time limit of a request through a route.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest time limit a route may set.
@@ -137,6 +146,10 @@ pub struct Route {
     /// Time limit in ms; 0 for [`DEFAULT_TIMEOUT`].
     #[serde(default)]
     pub timeout_ms: u64,
+    /// Response body limit in bytes; `None` for [`DEFAULT_MAX_RESPONSE`]. Not applied to
+    /// upgraded (WebSocket) connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
     /// Authentication.
     #[serde(default)]
     pub auth: Auth,
@@ -161,6 +174,7 @@ impl Route {
             cors_origins: vec![],
             max_body_bytes: 0,
             timeout_ms: 0,
+            max_response_bytes: None,
             auth: Auth::None,
             plans: vec![],
             jwt: JwtConfig::default(),
@@ -174,6 +188,11 @@ impl Route {
         } else {
             self.max_body_bytes
         }
+    }
+
+    /// The response limit in force.
+    pub fn response_limit(&self) -> u64 {
+        self.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE)
     }
 
     /// The time limit in force.
@@ -266,6 +285,29 @@ pub fn validate_path(path: &str) -> Result<(), RouteError> {
     {
         return Err(RouteError::Invalid(format!(
             "route path {path:?} is reserved (/fn, /healthz, /metrics)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a route's own response limit: at least one byte, at most
+/// [`MAX_FN_RESPONSE_LIMIT`] for a function route and [`MAX_RESPONSE_LIMIT`] for a service
+/// route.
+pub fn validate_response_limit(bytes: u64, function: bool) -> Result<(), RouteError> {
+    let (max, kind) = if function {
+        (MAX_FN_RESPONSE_LIMIT, "function")
+    } else {
+        (MAX_RESPONSE_LIMIT, "service")
+    };
+    if bytes == 0 {
+        return Err(RouteError::Invalid(format!(
+            "response limit 0 bytes: must be at least 1 byte (leave it unset for the default, \
+             {DEFAULT_MAX_RESPONSE} bytes)"
+        )));
+    }
+    if bytes > max {
+        return Err(RouteError::Invalid(format!(
+            "response limit {bytes} bytes: at most {max} for a {kind} route"
         )));
     }
     Ok(())
@@ -383,6 +425,9 @@ pub fn check(node: &NodeState, route: &mut Route) -> Result<(), RouteError> {
             route.max_body_bytes,
             if function { "function" } else { "service" }
         )));
+    }
+    if let Some(bytes) = route.max_response_bytes {
+        validate_response_limit(bytes, function)?;
     }
     if route.timeout_ms > MAX_TIMEOUT.as_millis() as u64 {
         return Err(RouteError::Invalid(format!(
@@ -560,6 +605,52 @@ mod tests {
         ] {
             assert!(validate_path(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn response_limits_default_and_are_checked() {
+        let mut r = Route::new("/a", RouteTarget::Service("web".into()));
+        assert_eq!(r.response_limit(), DEFAULT_MAX_RESPONSE);
+        r.max_response_bytes = Some(1000);
+        assert_eq!(r.response_limit(), 1000);
+        for (bytes, function, ok) in [
+            (1, false, true),
+            (1, true, true),
+            (MAX_RESPONSE_LIMIT, false, true),
+            (MAX_FN_RESPONSE_LIMIT, true, true),
+            (0, false, false),
+            (0, true, false),
+            (MAX_RESPONSE_LIMIT + 1, false, false),
+            (MAX_FN_RESPONSE_LIMIT + 1, true, false),
+        ] {
+            assert_eq!(
+                validate_response_limit(bytes, function).is_ok(),
+                ok,
+                "{bytes} {function}"
+            );
+        }
+        let e = validate_response_limit(0, false).unwrap_err().to_string();
+        assert!(e.contains("at least 1 byte"), "{e}");
+        let e = validate_response_limit(MAX_FN_RESPONSE_LIMIT + 1, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 33554432 for a function route"), "{e}");
+    }
+
+    #[test]
+    fn records_without_a_response_limit_still_read() {
+        // A route stored before response limits existed has no such field.
+        let old = r#"{"path":"/web","target":{"Service":"web"},"websocket":false,
+            "created_ms":1,"max_body_bytes":0,"timeout_ms":0}"#;
+        let r: Route = serde_json::from_str(old).unwrap();
+        assert_eq!(r.max_response_bytes, None);
+        assert_eq!(r.response_limit(), DEFAULT_MAX_RESPONSE);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("max_response_bytes"), "{json}");
+        let mut r = r;
+        r.max_response_bytes = Some(5);
+        let back: Route = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.max_response_bytes, Some(5));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Connection`)
 //! are dropped in both directions, so a replica that closes every connection does not make the
 //! client reconnect too. WebSocket (any HTTP upgrade) passes through when the route allows it,
-//! on a connection of its own.
+//! on a connection of its own. Answers are held to the route's response limit (see
+//! [`super::response`]); a connection is pooled again only after an answer read whole.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCo
 use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 
+use super::Route;
+use super::response::{self, CappedBody, Source};
+use super::stats::GatewayStats;
 use crate::node::NodeState;
 use crate::services::{self, Endpoint};
 
@@ -150,17 +154,21 @@ pub(crate) fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Forwards `request` (whose path is already the rest after the route's prefix) to a healthy
-/// replica of `service`. The request body may be at most `body_limit` bytes (413 beyond,
-/// streamed, never buffered), and the replica must answer within `timeout` (504).
+/// replica of `service` under `route`'s limits: the request body may be at most the route's
+/// body limit (413 beyond, streamed, never buffered), the replica must answer within the
+/// route's time limit (504), and its answer may be at most the route's response limit (502
+/// from the declared length, else cut while streaming, counted in `stats`).
 pub async fn proxy_to_service(
     node: &Arc<NodeState>,
     service: &str,
-    websocket: bool,
+    route: &Route,
     rest: &str,
     mut request: Request<Body>,
-    body_limit: u64,
-    timeout: Duration,
+    stats: &Arc<GatewayStats>,
 ) -> Response<Body> {
+    let websocket = route.websocket;
+    let body_limit = route.body_limit();
+    let timeout = route.timeout();
     let endpoints = order(
         services::endpoints(node, service),
         &node.peer_id.to_string(),
@@ -189,6 +197,7 @@ pub async fn proxy_to_service(
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
     let uri = format!("{rest}{query}");
+    let method = request.method().clone();
     let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     parts.uri = match uri.parse() {
@@ -273,9 +282,6 @@ pub async fn proxy_to_service(
             format!("no replica of {service} accepted the connection"),
         );
     };
-    if !wants_upgrade {
-        checkin(endpoint.addr, sender);
-    }
     metrics::counter!("mesh_gateway_forwarded_total", "service" => service.to_string())
         .increment(1);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -294,7 +300,201 @@ pub async fn proxy_to_service(
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, Body::empty());
     }
+    let pooled = (!wants_upgrade).then_some((endpoint.addr, sender));
+    limited(
+        response,
+        pooled,
+        &method,
+        &route.label(),
+        route.response_limit(),
+        stats,
+    )
+}
+
+/// Holds a replica's answer to the route's response limit: 502 if its declared length is
+/// over (its connection is closed, not pooled), else its body capped while it streams. The
+/// connection in `pooled` goes back to the pool once the body has been read whole.
+fn limited(
+    response: Response<hyper::body::Incoming>,
+    pooled: Option<(SocketAddr, Sender)>,
+    method: &axum::http::Method,
+    route: &str,
+    limit: u64,
+    stats: &Arc<GatewayStats>,
+) -> Response<Body> {
+    if let Some(length) =
+        response::declared_over(method, response.status(), response.headers(), limit)
+    {
+        // Dropping the answer unread and the sender closes the connection.
+        drop(pooled);
+        return response::refuse(route, Source::Upstream, length, limit);
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Body::new(body))
+    let label = route.to_string();
+    let stats = stats.clone();
+    let on_over = move || {
+        tracing::warn!(route = %label, limit,
+            "streamed upstream response passed the route's response limit: cut");
+        metrics::counter!("mesh_gateway_response_too_large_total", "route" => label.clone())
+            .increment(1);
+        stats.record_cut(&label);
+    };
+    let on_complete = move || {
+        if let Some((addr, sender)) = pooled
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            checkin(addr, sender);
+        }
+    };
+    Response::from_parts(
+        parts,
+        Body::new(CappedBody::new(body, limit, on_over, on_complete)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool and the response limit against a keep-alive upstream on loopback (the whole
+    //! gateway against real replicas is in `node/tests/gateway.rs`).
+
+    use std::time::Instant;
+
+    use axum::http::Method;
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// An upstream that answers the first request of one connection with `answer`, keeps the
+    /// connection open, and reports when the other side closes it.
+    async fn upstream(answer: Vec<u8>) -> (SocketAddr, oneshot::Receiver<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the request");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(&answer).await.unwrap();
+            // Anything but a new request: the gateway closed the connection.
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = closed_tx.send(());
+        });
+        (addr, closed_rx)
+    }
+
+    async fn exchange(addr: SocketAddr) -> (Response<hyper::body::Incoming>, Sender) {
+        let mut sender = connect(addr, false).await.expect("upstream reachable");
+        let request = Request::get("/")
+            .header(header::HOST, "upstream")
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        (response, sender)
+    }
+
+    fn idle(addr: SocketAddr) -> usize {
+        POOL.lock().unwrap().get(&addr).map_or(0, Vec::len)
+    }
+
+    async fn closed_within(closed: oneshot::Receiver<()>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the upstream connection stayed open"))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_502_and_the_connection_is_closed() {
+        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n".to_vec();
+        answer.extend_from_slice(&[b'x'; 5000]);
+        let (addr, closed) = upstream(answer).await;
+        let (response, sender) = exchange(addr).await;
+        let stats = GatewayStats::new();
+        let r = limited(
+            response,
+            Some((addr, sender)),
+            &Method::GET,
+            "/t",
+            1000,
+            &stats,
+        );
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        let text = r.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("is 5000 bytes"), "{text}");
+        assert!(text.contains("response limit of 1000 bytes"), "{text}");
+        closed_within(closed, "after a 502").await;
+        assert_eq!(idle(addr), 0, "never pooled");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_over_the_limit_is_cut_counted_and_not_pooled() {
+        let mut answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..10 {
+            answer.extend_from_slice(b"100\r\n");
+            answer.extend_from_slice(&[b'y'; 256]);
+            answer.extend_from_slice(b"\r\n");
+        }
+        answer.extend_from_slice(b"0\r\n\r\n");
+        let (addr, closed) = upstream(answer).await;
+        let (response, sender) = exchange(addr).await;
+        let stats = GatewayStats::new();
+        stats.record("/t", 200, false, Duration::ZERO);
+        let r = limited(
+            response,
+            Some((addr, sender)),
+            &Method::GET,
+            "/t",
+            1000,
+            &stats,
+        );
+        assert_eq!(r.status(), StatusCode::OK, "the head is passed on");
+        let error = r.into_body().collect().await.unwrap_err();
+        assert!(
+            error.to_string().contains("response limit of 1000 bytes"),
+            "{error}"
+        );
+        assert_eq!(stats.local()["/t"].server_errors, 1);
+        closed_within(closed, "after a cut").await;
+        assert_eq!(idle(addr), 0, "never pooled");
+    }
+
+    #[tokio::test]
+    async fn an_answer_within_the_limit_passes_whole_and_its_connection_is_pooled() {
+        let body: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec();
+        answer.extend_from_slice(&body);
+        let (addr, _closed) = upstream(answer).await;
+        let (response, sender) = exchange(addr).await;
+        let stats = GatewayStats::new();
+        let r = limited(
+            response,
+            Some((addr, sender)),
+            &Method::GET,
+            "/t",
+            1000,
+            &stats,
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        let got = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, body);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while idle(addr) == 0 {
+            assert!(Instant::now() < deadline, "the connection was not pooled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(stats.local().is_empty(), "nothing counted");
+    }
 }

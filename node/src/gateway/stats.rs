@@ -125,6 +125,19 @@ impl GatewayStats {
             .record(status, throttled, d);
     }
 
+    /// Counts a server error for a request already recorded with the status of its head:
+    /// its response was cut while streaming (it passed the route's response limit).
+    pub fn record_cut(&self, route: &str) {
+        metrics::counter!("mesh_gateway_5xx_total", "route" => route.to_string()).increment(1);
+        let mut routes = self.routes.lock().expect("stats lock");
+        let key = if !routes.contains_key(route) && routes.len() >= MAX_ROUTES {
+            "other"
+        } else {
+            route
+        };
+        routes.entry(key.to_string()).or_default().server_errors += 1;
+    }
+
     /// A copy of this node's counters.
     pub fn local(&self) -> BTreeMap<String, RouteCounters> {
         self.routes.lock().expect("stats lock").clone()
@@ -194,5 +207,14 @@ mod tests {
         assert_eq!(a.quantile(0.5), 0.001);
         assert_eq!(a.quantile(0.99), 0.5);
         assert_eq!(RouteCounters::default().quantile(0.5), 0.0);
+    }
+
+    #[test]
+    fn a_cut_response_counts_as_a_server_error_not_a_request() {
+        let stats = GatewayStats::new();
+        stats.record("/big", 200, false, Duration::from_millis(1));
+        stats.record_cut("/big");
+        let c = &stats.local()["/big"];
+        assert_eq!((c.requests, c.server_errors, c.client_errors), (1, 1, 0));
     }
 }

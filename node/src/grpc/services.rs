@@ -314,6 +314,7 @@ fn route_to_pb(r: &gateway::Route) -> pb::Route {
         jwt_rs256_public_key: r.jwt.rs256_public_key.clone(),
         jwt_audience: r.jwt.audience.clone(),
         jwt_hs256_configured: !r.jwt.hs256_secret_hex.is_empty(),
+        max_response_bytes: r.max_response_bytes,
     }
 }
 
@@ -337,6 +338,7 @@ impl RouteService for RouteApi {
         route.cors_origins = r.cors_origins;
         route.max_body_bytes = r.max_body_bytes;
         route.timeout_ms = r.timeout_ms;
+        route.max_response_bytes = r.max_response_bytes;
         route.auth = gateway::Auth::parse(&r.auth).map_err(route_status)?;
         route.plans = r.plans;
         route.jwt = gateway::JwtConfig {
