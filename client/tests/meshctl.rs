@@ -261,6 +261,30 @@ fn service_and_route_flags_are_checked_before_connecting() {
             "--env \"A B=1\"",
         ),
         (&["logs", "web", "--tail", "lots"], "--tail \"lots\""),
+        (
+            &[
+                "route",
+                "add",
+                "/web",
+                "--service",
+                "web",
+                "--max-response",
+                "0",
+            ],
+            "--max-response \"0\": must be at least 1 byte",
+        ),
+        (
+            &[
+                "route",
+                "add",
+                "/web",
+                "--service",
+                "web",
+                "--max-response",
+                "lots",
+            ],
+            "--max-response \"lots\": expected bytes like 1Mi",
+        ),
     ] {
         let out = meshctl(&ep, args);
         let err = text(&out.stderr);

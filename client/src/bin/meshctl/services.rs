@@ -149,6 +149,11 @@ pub enum RouteCmd {
         /// Time limit per request (e.g. 5s; default 60s); 504 beyond.
         #[arg(long, value_name = "DURATION")]
         timeout: Option<String>,
+        /// Response body limit (e.g. 1Mi; default 10Mi; at most 32Mi for a function, 16Gi
+        /// for a service). A larger answer gets 502, or is cut while it streams; WebSocket
+        /// connections are not limited.
+        #[arg(long, value_name = "BYTES")]
+        max_response: Option<String>,
         /// Who may call: none, key (x-api-key header) or jwt (Authorization: Bearer). --plan
         /// implies key, --jwt-* flags imply jwt.
         #[arg(long, value_parser = ["none", "key", "jwt"])]
@@ -192,6 +197,7 @@ fn route_from_flags(cmd: RouteCmd) -> anyhow::Result<Route> {
         cors_origins,
         max_body,
         timeout,
+        max_response,
         auth,
         plans,
         jwt_hs256_secret_file,
@@ -205,6 +211,10 @@ fn route_from_flags(cmd: RouteCmd) -> anyhow::Result<Route> {
         Some(text) => parse_bytes(text)
             .with_context(|| format!("--max-body {text:?}: expected bytes like 1Mi"))?,
         None => 0,
+    };
+    let max_response_bytes = match &max_response {
+        Some(text) => Some(max_response_flag(text)?),
+        None => None,
     };
     let timeout_ms = match &timeout {
         Some(text) => meshwork_proto::units::parse_duration(text)
@@ -256,7 +266,21 @@ fn route_from_flags(cmd: RouteCmd) -> anyhow::Result<Route> {
         jwt_rs256_public_key,
         jwt_audience: jwt_audience.unwrap_or_default(),
         jwt_hs256_configured: false,
+        max_response_bytes,
     })
+}
+
+/// Reads `--max-response`: a size of at least one byte (the node checks the maximum, which
+/// depends on the target).
+fn max_response_flag(text: &str) -> anyhow::Result<u64> {
+    let bytes = parse_bytes(text)
+        .with_context(|| format!("--max-response {text:?}: expected bytes like 1Mi"))?;
+    if bytes == 0 {
+        anyhow::bail!(
+            "--max-response {text:?}: must be at least 1 byte (leave it out for the default, 10Mi)"
+        );
+    }
+    Ok(bytes)
 }
 
 pub(crate) fn cpu_flag(text: &str) -> anyhow::Result<u64> {
@@ -627,6 +651,7 @@ pub async fn route(endpoint: &str, cmd: RouteCmd) -> anyhow::Result<()> {
                         "service": r.service, "websocket": r.websocket,
                         "methods": r.methods, "cors_origins": r.cors_origins,
                         "max_body_bytes": r.max_body_bytes, "timeout_ms": r.timeout_ms,
+                        "max_response_bytes": r.max_response_bytes,
                         "auth": r.auth, "plans": r.plans,
                         "jwt_hs256": r.jwt_hs256_configured,
                         "jwt_rs256": !r.jwt_rs256_public_key.is_empty(),
@@ -664,6 +689,9 @@ fn routes_table(routes: &[Route]) -> String {
             let mut limits = vec![];
             if r.max_body_bytes > 0 {
                 limits.push(format!("body {}", human_bytes(r.max_body_bytes)));
+            }
+            if let Some(bytes) = r.max_response_bytes {
+                limits.push(format!("response {}", human_bytes(bytes)));
             }
             if r.timeout_ms > 0 {
                 limits.push(format!("{}ms", r.timeout_ms));
@@ -802,9 +830,12 @@ mod tests {
             "5s",
             "--cors-origin",
             "*",
+            "--max-response",
+            "2Mi",
         ])
         .unwrap();
         let r = route_from_flags(cli.cmd).unwrap();
+        assert_eq!(r.max_response_bytes, Some(2 << 20));
         assert_eq!(r.methods, ["GET", "POST"]);
         assert_eq!(r.auth, "key");
         assert_eq!(r.plans, ["basic"]);
@@ -813,6 +844,22 @@ mod tests {
         assert_eq!(r.cors_origins, ["*"]);
         let t = routes_table(&[r]);
         assert!(t.contains("key:basic"), "{t}");
+        assert!(t.contains("response 2.0Mi"), "{t}");
+        let cli = Cli::try_parse_from(["x", "add", "/a", "--service", "web"]).unwrap();
+        assert_eq!(route_from_flags(cli.cmd).unwrap().max_response_bytes, None);
+        for (bad, why) in [
+            ("0", "must be at least 1 byte"),
+            ("0Mi", "must be at least 1 byte"),
+            ("lots", "expected bytes like 1Mi"),
+            ("1 Mi", "expected bytes like 1Mi"),
+        ] {
+            let cli =
+                Cli::try_parse_from(["x", "add", "/a", "--service", "web", "--max-response", bad])
+                    .unwrap();
+            let e = format!("{:#}", route_from_flags(cli.cmd).unwrap_err());
+            assert!(e.contains(&format!("--max-response {bad:?}")), "{e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
         let cli = Cli::try_parse_from(["x", "add", "/a", "--fn", "f", "--auth", "jwt"]).unwrap();
         assert!(route_from_flags(cli.cmd).is_err());
     }
