@@ -78,7 +78,7 @@ pub fn refuse(route: &str, source: Source, length: u64, limit: u64) -> Response<
         Source::Upstream => "the upstream response (Content-Length)",
         Source::Function => "the function's response",
     };
-    tracing::warn!(route, limit, length, source = ?source,
+    tracing::warn!(route = %route, limit, length, source = ?source,
         "response over the route's response limit: answered 502");
     metrics::counter!("mesh_gateway_response_too_large_total", "route" => route.to_string())
         .increment(1);
