@@ -1,19 +1,20 @@
 //! The API gateway end to end on real `meshd` processes: routing (methods, parameters, hosts,
 //! CORS, body limits, timeouts), API keys and plans with throttling and quotas across three
-//! nodes, revocation, JWT, hardening with raw TCP, and monitoring.
+//! nodes, revocation, JWT, hardening with raw TCP, monitoring, and response size limits.
 //!
 //! Targets are functions written in WAT here (no containerd, no examples build): `env` answers
 //! with its CGI environment (so a test sees the path, the query and the headers the gateway
-//! passed on), `spin` loops until its time limit. WebSocket through the gateway is covered in
-//! `services.rs`.
+//! passed on), `spin` loops until its time limit, `blob` answers 5000 known bytes. Response
+//! limits on service routes run against a real replica (busybox httpd on containerd, skipped
+//! with a message without them). WebSocket through the gateway is covered in `services.rs`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, wait_until};
-use meshwork_client::proto::{DeployFunctionRequest, Plan, Route};
-use meshwork_client::{MeshClient, UploadOptions};
+use common::{Mesh, TestCluster, wait_until};
+use meshwork_client::proto::{CreateServiceRequest, DeployFunctionRequest, Plan, Route};
+use meshwork_client::{MeshClient, UploadOptions, oci, push_image};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -52,6 +53,31 @@ const SPIN_WAT: &str = r#"
   (memory (export "memory") 1)
   (func (export "_start") (loop $l (br $l))))
 "#;
+
+/// Answers "Content-Type: application/octet-stream" and a body of [`BLOB_LEN`] bytes, the
+/// alphabet over and over.
+const BLOB_WAT: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "Content-Type: application/octet-stream\n\n")
+  (func (export "_start") (local $i i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_u (local.get $i) (i32.const 5000)))
+        (i32.store8 (i32.add (i32.const 1024) (local.get $i))
+          (i32.add (i32.const 97) (i32.rem_u (local.get $i) (i32.const 26))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    (i32.store (i32.const 16) (i32.const 100))
+    (i32.store (i32.const 20) (i32.const 40))
+    (i32.store (i32.const 24) (i32.const 1024))
+    (i32.store (i32.const 28) (i32.const 5000))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 2) (i32.const 32)))))
+"#;
+
+/// The length of `blob`'s body.
+const BLOB_LEN: usize = 5000;
 
 /// A test-only RSA key pair for RS256.
 const RSA_PRIVATE: &str = "-----BEGIN RSA PRIVATE KEY-----
@@ -932,4 +958,400 @@ async fn keys_and_plans_throttle_mesh_wide_with_quotas_and_revocation() {
         metrics.contains("mesh_gateway_throttled_total{route=\"/k\"}"),
         "{metrics}"
     );
+}
+
+/// An answer read off a raw connection as bytes.
+struct RawReply {
+    status: u16,
+    head: String,
+    /// The body as sent (still chunked if it was).
+    body: Vec<u8>,
+    /// The server closed the connection (rather than 30 s passing).
+    closed: bool,
+}
+
+impl RawReply {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    fn chunked(&self) -> bool {
+        self.header("transfer-encoding").as_deref() == Some("chunked")
+    }
+}
+
+/// One request with `Connection: close`, read as bytes until the server closes.
+async fn fetch(port: u16, method: &str, path: &str) -> RawReply {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    let at = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |p| p + 4);
+    let head = String::from_utf8_lossy(&out[..at]).trim_end().to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    RawReply {
+        status,
+        head,
+        body: out[at..].to_vec(),
+        closed,
+    }
+}
+
+/// Decodes a chunked body: the data, and whether it ended properly (the last, empty chunk).
+fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut data = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return (data, false);
+        };
+        let line = String::from_utf8_lossy(&raw[..eol]);
+        let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return (data, raw.starts_with(b"\r\n"));
+        }
+        if raw.len() < size + 2 {
+            data.extend_from_slice(&raw[..raw.len().min(size)]);
+            return (data, false);
+        }
+        data.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_responses_over_the_route_limit_get_502() {
+    let cluster = TestCluster::start(1);
+    let node = &cluster.nodes[0];
+    let port = node.http;
+    let mut c = node.client().await;
+    deploy(&mut c, "blob", BLOB_WAT, 5000).await;
+    let limited = |path: &str, bytes: Option<u64>| Route {
+        max_response_bytes: bytes,
+        ..fn_route(path, "blob")
+    };
+    c.add_route(limited("/exact", Some(BLOB_LEN as u64)))
+        .await
+        .unwrap();
+    c.add_route(limited("/small", Some(BLOB_LEN as u64 - 1)))
+        .await
+        .unwrap();
+    c.add_route(limited("/default", None)).await.unwrap();
+    let listed = c.routes().await.unwrap();
+    let limit_of = |path: &str| {
+        listed
+            .iter()
+            .find(|r| r.path == path)
+            .unwrap()
+            .max_response_bytes
+    };
+    assert_eq!(limit_of("/exact"), Some(BLOB_LEN as u64));
+    assert_eq!(limit_of("/default"), None, "the default is not stored");
+    wait_status(&cluster, "/default", &[], 200).await;
+
+    // At the limit, and under the default: the body passes byte for byte.
+    let expected: Vec<u8> = (0..BLOB_LEN).map(|i| b'a' + (i % 26) as u8).collect();
+    for path in ["/exact", "/default"] {
+        let r = fetch(port, "GET", path).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        assert_eq!(r.body, expected, "{path}");
+    }
+
+    // One byte over: 502 saying why. HEAD answers carry no body and are not limited.
+    let r = get(port, "/small", &[]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body.contains(
+            "the function's response is 5000 bytes, over this route's response limit of 4999 bytes"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(send(port, "HEAD", "/small", &[], b"").await.status, 200);
+    let stats = c.gateway_stats().await.unwrap();
+    let small = stats.iter().find(|s| s.route == "/small").unwrap();
+    assert_eq!((small.requests, small.server_errors), (2, 1), "{small:?}");
+    let metrics = get(port, "/metrics", &[]).await.body;
+    assert!(
+        metrics.contains("mesh_gateway_response_too_large_total{route=\"/small\"} 1"),
+        "{metrics}"
+    );
+    wait_until(Duration::from_secs(5), "the refusal is logged", || async {
+        let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("response limit")
+                && l.contains("route=/small")
+                && l.contains("limit=4999")
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail()));
+
+    // Limits out of range are refused with the reason.
+    let svc_route = |bytes| Route {
+        path: "/s".into(),
+        service: "web".into(),
+        max_response_bytes: Some(bytes),
+        ..Default::default()
+    };
+    for (route, why) in [
+        (limited("/b", Some(0)), "must be at least 1 byte"),
+        (svc_route(0), "must be at least 1 byte"),
+        (
+            limited("/b", Some((32 << 20) + 1)),
+            "at most 33554432 for a function route",
+        ),
+        (
+            svc_route((16 << 30) + 1),
+            "at most 17179869184 for a service route",
+        ),
+    ] {
+        let e = c.add_route(route.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{route:?}");
+        assert!(e.to_string().contains(why), "{route:?}: {e}");
+    }
+    // The largest limits are accepted.
+    c.add_route(limited("/b", Some(32 << 20))).await.unwrap();
+    c.add_route(svc_route(16 << 30)).await.unwrap();
+}
+
+/// A busybox httpd image serving `files` under `/www`, with two CGI scripts: `chunked?N`
+/// answers N KiB in chunks of 1 KiB with `Transfer-Encoding: chunked`, `stream?N` answers N
+/// KiB with no length at all (delimited by closing the connection). Every KiB is [`KIB`].
+fn httpd_image(dir: &std::path::Path, files: &[(&str, &[u8])]) -> Option<std::path::PathBuf> {
+    let busybox = std::fs::read("/bin/busybox").ok()?;
+    let tar = dir.join("httpd.tar");
+    let kib = format!("kib={}\n", String::from_utf8(kib()).unwrap());
+    let chunked = format!(
+        "#!/bin/sh\n{kib}\
+         printf 'HTTP/1.1 200 OK\\r\\nContent-Type: application/octet-stream\\r\\n\
+         Transfer-Encoding: chunked\\r\\n\\r\\n'\n\
+         i=0\n\
+         while [ $i -lt \"$QUERY_STRING\" ]; do printf '400\\r\\n%s\\r\\n' \"$kib\"; i=$((i+1)); done\n\
+         printf '0\\r\\n\\r\\n'\n"
+    );
+    let stream = format!(
+        "#!/bin/sh\n{kib}\
+         printf 'Content-Type: application/octet-stream\\r\\n\\r\\n'\n\
+         i=0\n\
+         while [ $i -lt \"$QUERY_STRING\" ]; do printf '%s' \"$kib\"; i=$((i+1)); done\n"
+    );
+    let mut entries: Vec<(String, &[u8], u32)> = vec![
+        ("bin/busybox".into(), &busybox, 0o755),
+        ("bin/sh".into(), &busybox, 0o755),
+        ("www/index.html".into(), b"ok\n", 0o644),
+        ("www/cgi-bin/chunked".into(), chunked.as_bytes(), 0o755),
+        ("www/cgi-bin/stream".into(), stream.as_bytes(), 0o755),
+    ];
+    for (name, bytes) in files {
+        entries.push((format!("www/{name}"), bytes, 0o644));
+    }
+    let entries: Vec<(&str, &[u8], u32)> = entries
+        .iter()
+        .map(|(n, b, m)| (n.as_str(), *b, *m))
+        .collect();
+    oci::write_oci_layout_tar(
+        &tar,
+        &entries,
+        &[
+            "/bin/sh",
+            "-c",
+            "exec /bin/busybox httpd -f -p $PORT -h /www",
+        ],
+    )
+    .unwrap();
+    Some(tar)
+}
+
+/// The KiB the CGI scripts repeat.
+fn kib() -> Vec<u8> {
+    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_".repeat(16)
+}
+
+/// `n` bytes that are not all alike.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_responses_over_the_route_limit_get_502_or_are_cut() {
+    if !std::path::Path::new(common::CONTAINERD_SOCKET).exists() {
+        eprintln!(
+            "skipped: containerd not running at {}",
+            common::CONTAINERD_SOCKET
+        );
+        return;
+    }
+    const LIMIT: usize = 256 << 10;
+    let small = noise(200_000);
+    let exact = noise(LIMIT);
+    let large = noise(LIMIT + 1);
+    let mesh = Mesh::start(1, "gwlimit").await;
+    let Some(image) = httpd_image(
+        mesh.cluster.dir.path(),
+        &[
+            ("small.bin", &small),
+            ("exact.bin", &exact),
+            ("large.bin", &large),
+        ],
+    ) else {
+        eprintln!("skipped: /bin/busybox missing (apt-get install busybox-static)");
+        return;
+    };
+    let node = &mesh.cluster.nodes[0];
+    let port = node.http;
+    let mut c = mesh.client(0).await;
+    push_image(&mut c, &image, "files:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    c.create_service(CreateServiceRequest {
+        name: "files".into(),
+        image: "files:1".into(),
+        replicas: 1,
+        cpu_millis: 100,
+        memory_bytes: 32 << 20,
+        port: 8080,
+        health_http: "/index.html".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.add_route(Route {
+        path: "/files".into(),
+        service: "files".into(),
+        max_response_bytes: Some(LIMIT as u64),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.add_route(Route {
+        path: "/open".into(),
+        service: "files".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let listed = c.routes().await.unwrap();
+    let files = listed.iter().find(|r| r.path == "/files").unwrap();
+    assert_eq!(files.max_response_bytes, Some(LIMIT as u64));
+    // Through /open, so that /files counts only the requests below.
+    mesh.wait(120, "the replica serves through the gateway", async || {
+        fetch(port, "GET", "/open/index.html").await.status == 200
+    })
+    .await;
+
+    // Under the limit and at it: byte for byte, with the length.
+    for (name, bytes) in [("small.bin", &small), ("exact.bin", &exact)] {
+        let r = fetch(port, "GET", &format!("/files/{name}")).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.head);
+        assert_eq!(r.header("content-length"), Some(bytes.len().to_string()));
+        assert!(r.body == *bytes, "{name}: {} bytes differ", r.body.len());
+    }
+    // Chunked under the limit: whole, with its last chunk.
+    let r = fetch(port, "GET", "/files/cgi-bin/chunked?100").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.chunked(), "{}", r.head);
+    let (data, complete) = dechunk(&r.body);
+    assert!(complete, "{} bytes, no last chunk", data.len());
+    assert!(data == kib().repeat(100), "{} bytes differ", data.len());
+
+    // A declared length one byte over: 502 saying why; HEAD is not limited; the default
+    // limit (10 MiB) lets it through.
+    let r = fetch(port, "GET", "/files/large.bin").await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains(&format!(
+            "the upstream response (Content-Length) is {} bytes, over this route's response \
+             limit of {LIMIT} bytes",
+            LIMIT + 1
+        )),
+        "{text}"
+    );
+    let r = fetch(port, "HEAD", "/files/large.bin").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.header("content-length"), Some((LIMIT + 1).to_string()));
+    let r = fetch(port, "GET", "/open/large.bin").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.body == large);
+
+    // Without a length (chunked, or until the replica closes): the head has gone out, so the
+    // body is cut where it passes the limit. The client sees the connection close before
+    // the last chunk, never an ending that looks complete.
+    for script in ["chunked", "stream"] {
+        let r = fetch(port, "GET", &format!("/files/cgi-bin/{script}?1024")).await;
+        assert_eq!(r.status, 200, "{script}: {}", r.head);
+        assert!(r.chunked(), "{script}: {}", r.head);
+        assert!(r.closed, "{script}: the connection stayed open");
+        let (data, complete) = dechunk(&r.body);
+        assert!(!complete, "{script}: a cut body ended with its last chunk");
+        assert!(
+            data.len() <= LIMIT,
+            "{script}: {} bytes passed a limit of {LIMIT}",
+            data.len()
+        );
+        assert!(
+            kib().repeat(LIMIT / 1024).starts_with(&data),
+            "{script}: what passed is not the start of the answer"
+        );
+    }
+
+    // Counted as server errors of the route, and logged with the route and the limit.
+    let stats = c.gateway_stats().await.unwrap();
+    let s = stats.iter().find(|s| s.route == "/files").unwrap();
+    assert_eq!((s.requests, s.server_errors), (7, 3), "{s:?}");
+    let metrics = fetch(port, "GET", "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.contains("mesh_gateway_response_too_large_total{route=\"/files\"} 3"),
+        "{metrics}"
+    );
+    mesh.wait(10, "the 502 and both cuts are logged", async || {
+        let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+        let warned = |what: &str| {
+            log.lines()
+                .filter(|l| {
+                    l.contains("WARN")
+                        && l.contains(what)
+                        && l.contains("route=/files")
+                        && l.contains(&format!("limit={LIMIT}"))
+                })
+                .count()
+        };
+        warned("answered 502") == 1 && warned("cut") == 2
+    })
+    .await;
 }

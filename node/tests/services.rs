@@ -668,11 +668,13 @@ async fn websocket_upgrades_pass_the_gateway_and_health_commands_restart() {
     let host = ps(&mut c, "echo").await[0].node.clone();
     let other = if host == "n0" { 1 } else { 0 };
     let port = f.cluster.nodes[other].http;
+    // The response limit does not apply to upgraded connections: the echo passes 8 bytes.
     for (path, websocket) in [("/plain", false), ("/ws", true)] {
         c.add_route(pb::Route {
             path: path.into(),
             service: "echo".into(),
             websocket,
+            max_response_bytes: websocket.then_some(8),
             ..Default::default()
         })
         .await
