@@ -70,6 +70,11 @@ pub struct MeshdArgs {
     /// Seconds an unreferenced blob is kept before garbage collection removes it.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub blob_gc_grace_secs: u64,
+    /// How long ended batch jobs (their records and attempts) stay queryable before they are
+    /// removed from the replicated state, e.g. `7d`, `12h`.
+    #[arg(long, value_name = "DURATION", default_value = "7d",
+          value_parser = parse_retention)]
+    pub job_retention: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -234,10 +239,21 @@ impl MeshdArgs {
             detector: FailureDetector::default(),
             lie: self.test_lie,
             blob_gc_grace: Duration::from_secs(self.blob_gc_grace_secs),
+            job_retention: self.job_retention,
             containerd_socket: self.containerd_socket,
             containerd_namespace: self.containerd_namespace,
         })
     }
+}
+
+/// Parses `--job-retention`: a duration of at least a second.
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    let d = meshwork_proto::units::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration like 30m, 12h or 7d"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{text:?}: keep ended jobs at least a second"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub struct NodeConfig {
     pub lie: Option<crate::p2p::LieMode>,
     /// How long an unreferenced blob is kept before garbage collection removes it.
     pub blob_gc_grace: Duration,
+    /// How long ended batch jobs stay in the replicated state.
+    pub job_retention: Duration,
     /// containerd's socket.
     pub containerd_socket: PathBuf,
     /// This node's containerd namespace (distinct per node when nodes share a containerd).
@@ -288,6 +290,7 @@ impl Node {
             config.data_dir.join("job-scratch"),
             config.containerd_socket.clone(),
             config.containerd_namespace.clone(),
+            config.job_retention,
         );
         let log_dir = config.data_dir.join("container-logs");
         let services = Services::new(state.clone(), registry.clone(), log_dir.clone());

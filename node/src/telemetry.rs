@@ -53,6 +53,10 @@ fn describe_metrics() {
         "mesh_member_transitions_total",
         "Failure-detector verdict changes"
     );
+    describe_counter!(
+        "mesh_jobs_expired_total",
+        "Ended batch jobs removed after their retention by this node"
+    );
     describe_counter!("mesh_admission_total", "Admission exchanges by result");
     describe_counter!(
         "mesh_bad_messages_total",

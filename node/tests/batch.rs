@@ -468,3 +468,64 @@ async fn the_queue_is_fifo_within_a_priority_and_waits_for_capacity() {
     let order: Vec<&str> = started.iter().map(|(_, n)| *n).collect();
     assert_eq!(order, vec!["a", "urgent", "b", "c"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_removed_after_their_retention_unless_still_needed() {
+    // One node, so that it coordinates every job; a short retention.
+    let m = Mesh::start_with(1, "ret", &["--job-retention", "2s"]).await;
+    let mut c = m.client(0).await;
+    let module = upload_task(&mut c).await;
+
+    let first = c
+        .submit_job(wasm_job("first", &module, &["--sum", "10"]))
+        .await
+        .unwrap()
+        .id;
+    m.wait(60, "first ends", async || ended(&mut c, &first).await)
+        .await;
+    // `after` depends on `first` and runs for a long time.
+    let mut req = wasm_job("after", &module, &["--sleep-ms", "600000"]);
+    req.depends_on = vec![first.clone()];
+    let after = c.submit_job(req).await.unwrap().id;
+    m.wait(60, "after runs", async || {
+        job(&mut c, &after).await.state == "RUNNING"
+    })
+    .await;
+    // `later` ends after `first` did; once it is removed, `first` is past its retention too.
+    let later = c
+        .submit_job(wasm_job("later", &module, &["--sum", "10"]))
+        .await
+        .unwrap()
+        .id;
+    m.wait(60, "later is removed", async || {
+        c.job(&later).await.is_err()
+    })
+    .await;
+    let err = c.job(&later).await.unwrap_err().to_string();
+    assert!(err.contains("no job"), "{err}");
+    assert!(c.get(&format!("jobatt/{later}/0/1")).await.is_err());
+    // ... but a job that has not ended depends on it, so it stays.
+    assert_eq!(job(&mut c, &first).await.state, "SUCCEEDED");
+    assert_eq!(job(&mut c, &after).await.state, "RUNNING");
+
+    // Once `after` ends (cancelled), both go, with every record.
+    c.cancel_job(&after).await.unwrap();
+    m.wait(60, "first and after are removed", async || {
+        c.job(&first).await.is_err() && c.job(&after).await.is_err()
+    })
+    .await;
+    for key in [
+        format!("job/{first}"),
+        format!("jobatt/{first}/0/1"),
+        format!("jobev/{first}"),
+        format!("jobatt/{after}/0/1"),
+    ] {
+        assert!(c.get(&key).await.is_err(), "{key} is still there");
+    }
+    assert!(c.jobs("").await.unwrap().is_empty());
+    // A removed job is an unknown dependency: a clear error at submit.
+    let mut req = wasm_job("orphan", &module, &["--sum", "1"]);
+    req.depends_on = vec![first.clone()];
+    let err = c.submit_job(req).await.unwrap_err().to_string();
+    assert!(err.contains("not a job in this mesh"), "{err}");
+}

@@ -30,6 +30,7 @@ async fn an_emitted_event_runs_the_functions_subscribed_to_it() {
         detector: FailureDetector::default(),
         lie: None,
         blob_gc_grace: Duration::from_secs(600),
+        job_retention: Duration::from_secs(7 * 86_400),
         containerd_socket: dir.path().join("no-containerd.sock"),
         containerd_namespace: "meshwork".into(),
     };

@@ -24,7 +24,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// Parses a duration such as `250ms`, `5s`, `2m` or `1h`.
+/// Parses a duration such as `250ms`, `5s`, `2m`, `1h` or `7d`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -35,6 +35,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "s" => n.checked_mul(1000)?,
         "m" => n.checked_mul(60_000)?,
         "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
     Some(Duration::from_millis(ms))
@@ -55,6 +56,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("s"), None);
     }

@@ -47,6 +47,9 @@ use crate::services::spec::ContainerSpecInput;
 const LOG_MAX_BYTES: u64 = 1 << 20;
 /// Attempt logs kept per node (oldest removed first).
 const LOGS_KEPT: usize = 2000;
+/// How often old logs and ended jobs past their retention are removed (more often when the
+/// retention is shorter).
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// Without `--timeout`, a Wasm attempt still needs a bound for its CPU budget: a day.
 const WASM_NO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -65,6 +68,7 @@ struct Ctx {
     socket: PathBuf,
     namespace: String,
     runtime: tokio::sync::Mutex<Option<ContainerRuntime>>,
+    retention: Duration,
 }
 
 /// Runs this node's share of the batch queue.
@@ -74,7 +78,8 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// An executor writing logs under `log_dir` and scratch directories under `scratch_dir`.
+    /// An executor writing logs under `log_dir` and scratch directories under `scratch_dir`,
+    /// removing the records of jobs it coordinates once they ended `retention` ago.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: Arc<NodeState>,
@@ -85,6 +90,7 @@ impl Executor {
         scratch_dir: PathBuf,
         socket: PathBuf,
         namespace: String,
+        retention: Duration,
     ) -> Self {
         Self {
             ctx: Arc::new(Ctx {
@@ -96,6 +102,7 @@ impl Executor {
                 socket,
                 namespace,
                 runtime: tokio::sync::Mutex::new(None),
+                retention,
             }),
             triggers,
         }
@@ -158,9 +165,12 @@ impl Executor {
                 }
                 self.emit_finished(&table);
             }
-            if last_cleanup.elapsed() > Duration::from_secs(60) {
+            if last_cleanup.elapsed() > CLEANUP_EVERY.min(self.ctx.retention) {
                 last_cleanup = Instant::now();
                 cleanup_logs(&self.ctx.log_dir, LOGS_KEPT);
+                if verdict == Verdict::Act {
+                    self.expire_jobs(&table);
+                }
             }
         }
         for l in local.values() {
@@ -292,6 +302,40 @@ impl Executor {
                 .emit("job.finished", payload.to_string().as_bytes());
             tracing::info!(job = %spec.id, state = state.as_str(), calls = ids.len(),
                 "job finished");
+        }
+    }
+}
+
+impl Executor {
+    /// Removes the records of ended jobs this node coordinates once they are past the
+    /// retention, after their `job.finished` event went out.
+    fn expire_jobs(&self, table: &JobTable) {
+        let node = &self.ctx.node;
+        let cutoff = crate::functions::now_ms()
+            .saturating_sub(u64::try_from(self.ctx.retention.as_millis()).unwrap_or(u64::MAX));
+        let nodes = Scheduler::live_nodes(node);
+        let me = node.peer_id.to_string();
+        for id in table.expired(cutoff) {
+            if placement::coordinator(&format!("{}{id}", super::JOB_PREFIX), &nodes) != Some(&me) {
+                continue;
+            }
+            let announced = node
+                .replica
+                .lock()
+                .expect("replica lock")
+                .map()
+                .get(&format!("{}{id}", super::EVENT_PREFIX))
+                .is_some();
+            if !announced {
+                continue;
+            }
+            match super::remove_job_records(node, &id) {
+                Ok(keys) => {
+                    metrics::counter!("mesh_jobs_expired_total").increment(1);
+                    tracing::info!(job = %id, keys, "ended job past its retention removed");
+                }
+                Err(e) => tracing::warn!(job = %id, error = %e, "cannot remove an expired job"),
+            }
         }
     }
 }

@@ -15,6 +15,10 @@
 //! attempt, after marking attempts of dead nodes "node lost"; a fenced node records nothing.
 //! The states users see are derived from the attempts, never stored, so they cannot disagree
 //! with them: see [`index_state`].
+//!
+//! History is bounded: the coordinator of an ended job removes its records (attempts, event
+//! marker, then the spec) once it has been over for the node's `--job-retention` (7 days by
+//! default), unless a job that has not ended depends on it; see [`JobTable::expired`].
 
 pub mod executor;
 
@@ -88,6 +92,10 @@ pub struct JobSpec {
     pub submitted_ms: u64,
     /// Cancelled by the user.
     pub cancelled: bool,
+    /// When it was cancelled, ms since the epoch (0 when it was not, or by a node that
+    /// predates this field).
+    #[serde(default)]
+    pub cancelled_ms: u64,
 }
 
 impl JobSpec {
@@ -345,6 +353,48 @@ impl JobTable {
         Self { specs, attempts }
     }
 
+    /// When job `id` ended, ms since the epoch: `None` while any index may still run. The
+    /// latest attempt end, the cancel time, or the submit time (an index that never ran
+    /// because a dependency failed), whichever is latest.
+    pub fn ended_ms(&self, id: &str, views: &[IndexView]) -> Option<u64> {
+        let spec = self.specs.get(id)?;
+        let states: Vec<JobState> = views.iter().map(|v| v.state).collect();
+        if !job_state(&states).is_terminal() {
+            return None;
+        }
+        let last_attempt = views
+            .iter()
+            .flat_map(|v| v.attempts.iter())
+            .map(|a| a.ended_ms.max(a.started_ms))
+            .max()
+            .unwrap_or(0);
+        Some(last_attempt.max(spec.cancelled_ms).max(spec.submitted_ms))
+    }
+
+    /// Jobs that ended before `cutoff_ms` and that no unfinished job depends on, oldest first:
+    /// the ones whose records may go.
+    pub fn expired(&self, cutoff_ms: u64) -> Vec<String> {
+        let mut memo = HashMap::new();
+        let mut ended = BTreeMap::new();
+        for id in self.specs.keys() {
+            let views = self.indices_memo(id, &mut memo, 0);
+            if let Some(at) = self.ended_ms(id, &views) {
+                ended.insert(id.clone(), at);
+            }
+        }
+        let needed: std::collections::HashSet<&String> = self
+            .specs
+            .values()
+            .filter(|s| !ended.contains_key(&s.id))
+            .flat_map(|s| s.depends_on.iter())
+            .collect();
+        ended
+            .into_iter()
+            .filter(|(id, at)| *at < cutoff_ms && !needed.contains(id))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// The attempts of one index.
     pub fn attempts_of(&self, id: &str, index: u32) -> &[Attempt] {
         self.attempts
@@ -410,6 +460,30 @@ impl JobTable {
         memo.insert(id.to_string(), views.clone());
         views
     }
+}
+
+/// Removes every record of job `id`: its attempts, its event marker, then its spec (last, so
+/// that a removal cut short is finished by the next pass). Returns how many keys it deleted.
+pub fn remove_job_records(node: &NodeState, id: &str) -> Result<usize, JobError> {
+    let keys: Vec<String> = {
+        let replica = node.replica.lock().expect("replica lock");
+        let map = replica.map();
+        let mut keys: Vec<String> = map
+            .list(&format!("{ATTEMPT_PREFIX}{id}/"))
+            .map(|e| e.key.clone())
+            .collect();
+        for key in [format!("{EVENT_PREFIX}{id}"), format!("{JOB_PREFIX}{id}")] {
+            if map.get(&key).is_some() {
+                keys.push(key);
+            }
+        }
+        keys
+    };
+    for key in &keys {
+        node.write(key, None)
+            .map_err(|e| JobError::State(e.to_string()))?;
+    }
+    Ok(keys.len())
 }
 
 /// The key of an attempt record.
@@ -538,9 +612,8 @@ impl Batch {
                 )));
             }
         }
-        let table = JobTable::read(&self.node);
         for dep in &spec.depends_on {
-            if !table.specs.contains_key(dep) {
+            if !self.exists(dep) {
                 return Err(JobError::Invalid(format!(
                     "depends on {dep:?}, which is not a job in this mesh"
                 )));
@@ -569,9 +642,17 @@ impl Batch {
         spec.id = format!("{now:012x}{:04x}", rand::random::<u16>());
         spec.submitted_ms = now;
         spec.cancelled = false;
+        spec.cancelled_ms = 0;
         self.store(&spec)?;
         tracing::info!(job = %spec.id, name = %spec.name, array = spec.array, "job submitted");
         Ok(spec)
+    }
+
+    /// Whether job `id` is in the state (one key lookup, not a table read).
+    fn exists(&self, id: &str) -> bool {
+        let key = format!("{JOB_PREFIX}{id}");
+        let replica = self.node.replica.lock().expect("replica lock");
+        replica.map().get(&key).is_some_and(|e| e.value.is_some())
     }
 
     fn store(&self, spec: &JobSpec) -> Result<(), JobError> {
@@ -612,6 +693,7 @@ impl Batch {
         let (mut spec, _) = self.get(id)?;
         if !spec.cancelled {
             spec.cancelled = true;
+            spec.cancelled_ms = crate::functions::now_ms();
             self.store(&spec)?;
             tracing::info!(job = %id, "job cancelled");
         }
@@ -670,6 +752,7 @@ mod tests {
             priority: 0,
             submitted_ms: 0,
             cancelled: false,
+            cancelled_ms: 0,
         }
     }
 
@@ -753,5 +836,97 @@ mod tests {
         assert_eq!(job_state(&[Succeeded, Running, Failed]), Running);
         assert_eq!(job_state(&[Runnable, Pending]), Runnable);
         assert_eq!(JobState::parse("running"), Some(Running));
+    }
+
+    /// A table of `specs` with `attempts` by (id, index).
+    fn table(specs: Vec<JobSpec>, attempts: Vec<(&str, Attempt)>) -> JobTable {
+        let mut by_index: HashMap<(String, u32), Vec<Attempt>> = HashMap::new();
+        for (id, a) in attempts {
+            by_index.entry((id.to_string(), 0)).or_default().push(a);
+        }
+        JobTable {
+            specs: specs.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            attempts: by_index,
+        }
+    }
+
+    fn job(id: &str, submitted_ms: u64, depends_on: &[&str]) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            submitted_ms,
+            depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+            ..spec()
+        }
+    }
+
+    fn ended_at(number: u32, state: AttemptState, at: u64) -> Attempt {
+        Attempt {
+            started_ms: at - 5,
+            ended_ms: at,
+            ..attempt(
+                number,
+                state,
+                Some(i32::from(state == AttemptState::Failed)),
+                "",
+            )
+        }
+    }
+
+    #[test]
+    fn only_jobs_ended_before_the_cutoff_and_not_needed_expire() {
+        use AttemptState::*;
+        let mut cancelled = job("e-cancelled", 10, &[]);
+        cancelled.cancelled = true;
+        cancelled.cancelled_ms = 500;
+        let t = table(
+            vec![
+                job("a-old", 10, &[]),
+                job("b-recent", 10, &[]),
+                job("c-needed", 10, &[]),
+                job("d-waits", 300, &["c-needed"]),
+                cancelled,
+                job("f-running", 10, &[]),
+                job("g-failed", 10, &[]),
+                job("h-needs-old", 20, &["a-old"]),
+            ],
+            vec![
+                ("a-old", ended_at(1, Succeeded, 100)),
+                ("b-recent", ended_at(1, Succeeded, 900)),
+                ("c-needed", ended_at(1, Succeeded, 100)),
+                // d-waits ran once and failed with retries left: RUNNABLE, not ended.
+                ("d-waits", ended_at(1, Failed, 200)),
+                (
+                    "f-running",
+                    Attempt {
+                        started_ms: 50,
+                        ..attempt(1, Running, None, "")
+                    },
+                ),
+                ("g-failed", ended_at(1, Failed, 100)),
+                ("g-failed", ended_at(2, Failed, 110)),
+                ("g-failed", ended_at(3, Failed, 120)),
+                ("h-needs-old", ended_at(1, Succeeded, 150)),
+            ],
+        );
+        assert_eq!(t.ended_ms("a-old", &t.indices("a-old")), Some(100));
+        assert_eq!(
+            t.ended_ms("e-cancelled", &t.indices("e-cancelled")),
+            Some(500)
+        );
+        assert_eq!(t.ended_ms("f-running", &t.indices("f-running")), None);
+        assert_eq!(t.ended_ms("d-waits", &t.indices("d-waits")), None);
+        // a-old is needed only by an ended job, so it goes; c-needed is kept for d-waits.
+        assert_eq!(t.expired(400), vec!["a-old", "g-failed", "h-needs-old"]);
+        assert_eq!(
+            t.expired(1000),
+            vec![
+                "a-old",
+                "b-recent",
+                "e-cancelled",
+                "g-failed",
+                "h-needs-old"
+            ]
+        );
+        assert!(t.expired(100).is_empty(), "ended at the cutoff is kept");
     }
 }

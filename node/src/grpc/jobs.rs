@@ -150,6 +150,7 @@ impl JobService for JobApi {
             priority: r.priority,
             submitted_ms: 0,
             cancelled: false,
+            cancelled_ms: 0,
         };
         let spec = self.batch.submit(spec).map_err(status)?;
         let (spec, views) = self.batch.get(&spec.id).map_err(status)?;

@@ -337,6 +337,11 @@ impl Drop for Mesh {
 impl Mesh {
     /// Starts `n` nodes joined through the first and waits until node 0 sees all alive.
     pub async fn start(n: usize, tag: &str) -> Self {
+        Self::start_with(n, tag, &[]).await
+    }
+
+    /// [`Mesh::start`] with `extra` flags for every node.
+    pub async fn start_with(n: usize, tag: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = write_secret(dir.path(), "secret");
         let mut nodes: Vec<TestNode> = Vec::new();
@@ -353,6 +358,7 @@ impl Mesh {
                 "--memory".into(),
                 "1Gi".into(),
             ];
+            node.extra_args.extend(extra.iter().map(|a| a.to_string()));
             node.start();
             nodes.push(node);
             namespaces.push(ns);

@@ -580,8 +580,8 @@ mod tests {
             submit_err(&["--image", "a:1", "--retry-on-exit", "137"]).contains("without --retries")
         );
         assert!(
-            submit_err(&["--image", "a:1", "--timeout", "2d"])
-                .starts_with("--timeout \"2d\": expected a duration")
+            submit_err(&["--image", "a:1", "--timeout", "2w"])
+                .starts_with("--timeout \"2w\": expected a duration")
         );
         assert!(submit_err(&["--image", "a:1", "--timeout", "0s"]).contains("more than 0"));
         assert!(submit_err(&["--image", "a:1", "--cpu", "0"]).starts_with("--cpu \"0\""));
