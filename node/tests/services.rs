@@ -687,17 +687,21 @@ async fn websocket_upgrades_pass_the_gateway_and_health_commands_restart() {
     .await;
     // The two routes are separate records: gossip may bring `/ws` later than `/plain`.
     let mut upgraded = None;
-    f.wait(30, "the websocket route reached the other node", async || {
-        let (head, stream) = upgrade(port, "/ws/").await;
-        assert!(
-            head.starts_with("HTTP/1.1 101") || head.starts_with("HTTP/1.1 404"),
-            "{head}"
-        );
-        if head.starts_with("HTTP/1.1 101") {
-            upgraded = Some(stream);
-        }
-        upgraded.is_some()
-    })
+    f.wait(
+        30,
+        "the websocket route reached the other node",
+        async || {
+            let (head, stream) = upgrade(port, "/ws/").await;
+            assert!(
+                head.starts_with("HTTP/1.1 101") || head.starts_with("HTTP/1.1 404"),
+                "{head}"
+            );
+            if head.starts_with("HTTP/1.1 101") {
+                upgraded = Some(stream);
+            }
+            upgraded.is_some()
+        },
+    )
     .await;
     let mut stream = upgraded.expect("upgraded");
     for message in [
