@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::functions::runtime::CgiRequest;
-use crate::functions::{FunctionError, Functions, MAX_BODY_BYTES};
+use crate::functions::{FunctionError, Functions, MAX_BODY_BYTES, UrlAccess};
 use crate::gateway::framing::{FramingState, Guarded};
 use crate::gateway::jwt::JwtError;
 use crate::gateway::limits::Decision;
@@ -191,8 +191,40 @@ async fn invoke_function(
         .find(|(k, _)| k == "rest")
         .map(|(_, v)| format!("/{v}"))
         .unwrap_or_else(|| "/".into());
-    call_function(&state, &name, rest, request, MAX_BODY_BYTES, None).await
+    // An unknown name falls through to `call_function`, which says so.
+    match state.functions.spec(&name) {
+        Ok(spec) if spec.url == UrlAccess::Off => plain(
+            StatusCode::FORBIDDEN,
+            format!(
+                "function {name} is not callable at /fn/ (deployed with --url off): \
+                 call it through a route"
+            ),
+        ),
+        Ok(spec) if spec.url == UrlAccess::Key => {
+            // The same pipeline as a route with key auth (key, plan, rate, quota), with the
+            // limits of /fn/ itself and time for the call and a cold start.
+            let mut route = crate::gateway::Route::new(
+                &format!("/fn/{name}"),
+                RouteTarget::Function(name.clone()),
+            );
+            route.auth = Auth::Key;
+            route.max_body_bytes = MAX_BODY_BYTES as u64;
+            route.max_response_bytes = Some(crate::gateway::MAX_FN_RESPONSE_LIMIT);
+            route.timeout_ms = spec.timeout_ms.saturating_add(FN_URL_GRACE_MS);
+            let m = Matched {
+                route: Arc::new(crate::gateway::router::CompiledRoute::new(route)),
+                rest,
+                params: vec![],
+            };
+            let snapshot = state.gateway.snapshot();
+            route_request(&state, &snapshot, m, request).await.response
+        }
+        _ => call_function(&state, &name, rest, request, MAX_BODY_BYTES, None).await,
+    }
 }
+
+/// Time a keyed `/fn/` call gets beyond the function's own timeout (a pull, a compile).
+const FN_URL_GRACE_MS: u64 = 60_000;
 
 /// What the gateway did with a request, for the counters and the access log.
 struct Outcome {

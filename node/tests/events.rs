@@ -61,6 +61,7 @@ async fn an_emitted_event_runs_the_functions_subscribed_to_it() {
         concurrency: 4,
         replicas: 1,
         events: vec!["job.finished".into()],
+        url: String::new(),
     })
     .await
     .unwrap();

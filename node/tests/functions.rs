@@ -39,6 +39,7 @@ async fn deploy(
         concurrency,
         replicas: 1,
         events: vec![],
+        url: String::new(),
     })
     .await
 }

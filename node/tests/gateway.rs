@@ -198,6 +198,19 @@ async fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Reply {
 }
 
 async fn deploy(client: &mut MeshClient, name: &str, wat: &str, timeout_ms: u64) {
+    deploy_with_url(client, name, wat, timeout_ms, "")
+        .await
+        .unwrap();
+}
+
+/// Deploys with `url` access at `/fn/<name>` (empty for the default).
+async fn deploy_with_url(
+    client: &mut MeshClient,
+    name: &str,
+    wat: &str,
+    timeout_ms: u64,
+    url: &str,
+) -> Result<(), meshwork_client::ClientError> {
     let wasm = wat::parse_str(wat).unwrap();
     let info = client
         .put_blob(
@@ -220,9 +233,10 @@ async fn deploy(client: &mut MeshClient, name: &str, wat: &str, timeout_ms: u64)
             concurrency: 64,
             replicas: 1,
             events: vec![],
+            url: url.into(),
         })
         .await
-        .unwrap();
+        .map(|_| ())
 }
 
 fn fn_route(path: &str, function: &str) -> Route {
@@ -1354,4 +1368,93 @@ async fn service_responses_over_the_route_limit_get_502_or_are_cut() {
         warned("answered 502") == 1 && warned("cut") == 2
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_urls_are_public_keyed_or_off() {
+    let cluster = TestCluster::start(1);
+    cluster.wait_states(0, &[("n0", "alive")], CONVERGE).await;
+    let port = cluster.nodes[0].http;
+    let mut c = cluster.nodes[0].client().await;
+    deploy(&mut c, "open", ENV_WAT, 5000).await;
+    deploy_with_url(&mut c, "keyed", ENV_WAT, 5000, "key")
+        .await
+        .unwrap();
+    deploy_with_url(&mut c, "closed", ENV_WAT, 5000, "off")
+        .await
+        .unwrap();
+    let e = deploy_with_url(&mut c, "odd", ENV_WAT, 5000, "private")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument), "{e}");
+    assert!(e.to_string().contains("expected public, key or off"), "{e}");
+    let urls: Vec<(String, String)> = c
+        .functions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.name, f.url))
+        .collect();
+    assert!(urls.contains(&("keyed".into(), "key".into())), "{urls:?}");
+    assert!(urls.contains(&("open".into(), "public".into())), "{urls:?}");
+
+    c.create_plan(Plan {
+        name: "tiny".into(),
+        rate_per_second: 100.0,
+        burst: 100,
+        quota_per_day: 2,
+        created_ms: 0,
+    })
+    .await
+    .unwrap();
+    let metered = c.create_key("metered", "tiny").await.unwrap().secret;
+    let free = c.create_key("free", "").await.unwrap().secret;
+
+    // Public (the default): anyone.
+    let r = get(port, "/fn/open", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Keyed: the key pipeline of a route, without the key reaching the function.
+    assert_eq!(get(port, "/fn/keyed", &[]).await.status, 401);
+    let r = get(port, "/fn/keyed", &[("x-api-key", "mw_nope")]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    wait_status(&cluster, "/fn/keyed", &[("x-api-key", free.as_str())], 200).await;
+    let r = get(
+        port,
+        "/fn/keyed/deeper?x=1",
+        &[("x-api-key", free.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = r.body.clone();
+    assert!(body.contains("HTTP_X_MESH_KEY=free"), "{body}");
+    assert!(body.contains("PATH_INFO=/deeper"), "{body}");
+    assert!(
+        !body.contains(&free[3..]),
+        "the key reached the function: {body}"
+    );
+    // The key's plan applies: a daily quota of 2.
+    for _ in 0..2 {
+        let r = get(port, "/fn/keyed", &[("x-api-key", metered.as_str())]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = get(port, "/fn/keyed", &[("x-api-key", metered.as_str())]).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    // A revoked key is refused.
+    c.revoke_key("free").await.unwrap();
+    wait_status(&cluster, "/fn/keyed", &[("x-api-key", free.as_str())], 403).await;
+    // Public again after a redeploy without --url key.
+    deploy(&mut c, "keyed", ENV_WAT, 5000).await;
+    wait_status(&cluster, "/fn/keyed", &[], 200).await;
+
+    // Off: refused at /fn/, with the reason; a route to it still works.
+    let r = get(port, "/fn/closed", &[]).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let text = r.body.clone();
+    assert!(text.contains("--url off"), "{text}");
+    c.add_route(fn_route("/closed-route", "closed"))
+        .await
+        .unwrap();
+    wait_status(&cluster, "/closed-route", &[], 200).await;
+    // An unknown function is still a plain 404.
+    assert_eq!(get(port, "/fn/nobody", &[]).await.status, 404);
 }

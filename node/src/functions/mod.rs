@@ -69,6 +69,50 @@ pub struct FunctionSpec {
     /// Internal events that invoke it asynchronously (e.g. `job.finished`).
     #[serde(default)]
     pub events: Vec<String>,
+    /// Who may call it at `/fn/<name>` on the HTTP listener (routes have their own auth).
+    #[serde(default)]
+    pub url: UrlAccess,
+}
+
+/// Who may call a function at `/fn/<name>` (like a Lambda function URL's auth type). Routes
+/// to the function are not affected: they have their own auth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UrlAccess {
+    /// Anyone who can reach the node's HTTP port (the default).
+    #[default]
+    Public,
+    /// Callers with a valid, unrevoked API key in `x-api-key`; its plan's limits apply.
+    Key,
+    /// Nobody: the function is reachable only through routes, events and gRPC.
+    Off,
+}
+
+impl UrlAccess {
+    /// The name used on the command line and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Key => "key",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for UrlAccess {
+    type Err = FunctionError;
+
+    /// `public` (or empty), `key` or `off`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "public" => Ok(Self::Public),
+            "key" => Ok(Self::Key),
+            "off" => Ok(Self::Off),
+            other => Err(FunctionError::Invalid(format!(
+                "url access {other:?}: expected public, key or off"
+            ))),
+        }
+    }
 }
 
 /// Why a deploy was refused, or a call failed; each maps to an HTTP status.
@@ -394,12 +438,14 @@ impl Functions {
         })
     }
 
-    /// A function by name.
+    /// A function by name (one key read).
     pub fn spec(&self, name: &str) -> Result<FunctionSpec, FunctionError> {
         validate_name(name)?;
-        read_specs(&self.node)
-            .into_iter()
-            .find(|s| s.name == name)
+        let replica = self.node.replica.lock().expect("replica lock");
+        replica
+            .map()
+            .get(&format!("{FN_PREFIX}{name}"))
+            .and_then(|e| serde_json::from_slice(e.value.as_deref()?).ok())
             .ok_or_else(|| FunctionError::Unknown(name.to_string()))
     }
 
@@ -787,6 +833,7 @@ mod tests {
             replicas: 1,
             created_ms: 0,
             events: vec![],
+            url: UrlAccess::Public,
         }
     }
 

@@ -46,6 +46,7 @@ fn to_pb(f: &Functions, t: &Triggers, s: &FunctionSpec) -> pb::Function {
         replicas: s.replicas,
         nodes: f.warm_node_names(&s.name),
         created_ms: s.created_ms,
+        url: s.url.as_str().to_string(),
     }
 }
 
@@ -82,6 +83,7 @@ impl FunctionService for FunctionApi {
             replicas: r.replicas,
             created_ms: 0,
             events: r.events,
+            url: r.url.parse().map_err(status)?,
         };
         let spec = self.functions.deploy(spec).await.map_err(status)?;
         Ok(Response::new(to_pb(&self.functions, &self.triggers, &spec)))

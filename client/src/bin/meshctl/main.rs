@@ -111,6 +111,11 @@ enum FnCmd {
         /// Internal event that invokes it asynchronously (e.g. job.finished); repeat.
         #[arg(long = "on", value_name = "EVENT")]
         events: Vec<String>,
+        /// Who may call it at http://NODE:8080/fn/NAME: public, key (a valid API key in
+        /// x-api-key; its plan's limits apply) or off (routes, events and gRPC only).
+        #[arg(long, default_value = "public",
+              value_parser = ["public", "key", "off"])]
+        url: String,
     },
     /// Call a function and print its answer body.
     Invoke {
@@ -758,6 +763,7 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
             concurrency,
             replicas,
             events,
+            url,
         } => {
             let memory_bytes = parse_bytes(&memory)
                 .with_context(|| format!("--memory {memory:?}: expected bytes like 64Mi"))?;
@@ -777,6 +783,7 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
                     concurrency,
                     replicas,
                     events,
+                    url,
                 })
                 .await?;
             println!(
@@ -819,7 +826,8 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
                         serde_json::json!({
                         "name": f.name, "module": f.module, "memory_bytes": f.memory_bytes,
                         "timeout_ms": f.timeout_ms, "concurrency": f.concurrency,
-                        "replicas": f.replicas, "nodes": f.nodes, "env": f.env})
+                        "replicas": f.replicas, "nodes": f.nodes, "env": f.env,
+                        "url": f.url})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -833,6 +841,11 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
                             human_bytes(f.memory_bytes),
                             format!("{}ms", f.timeout_ms),
                             f.concurrency.to_string(),
+                            if f.url.is_empty() {
+                                "public".into()
+                            } else {
+                                f.url.clone()
+                            },
                             if f.nodes.is_empty() {
                                 "-".into()
                             } else {
@@ -850,6 +863,7 @@ async fn function(client: &mut MeshClient, cmd: FnCmd) -> anyhow::Result<()> {
                             "MEMORY",
                             "TIMEOUT",
                             "CONCURRENCY",
+                            "URL",
                             "WARM ON"
                         ],
                         &rows
