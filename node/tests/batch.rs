@@ -529,3 +529,70 @@ async fn ended_jobs_are_removed_after_their_retention_unless_still_needed() {
     let err = c.submit_job(req).await.unwrap_err().to_string();
     assert!(err.contains("not a job in this mesh"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_wrongly_thought_dead_does_not_undo_the_takeover() {
+    let m = Mesh::start(3, "pause").await;
+    let mut c = m.client(0).await;
+    let module = upload_task(&mut c).await;
+    let mut req = wasm_job("slow", &module, &["--sleep-ms", "5000"]);
+    req.array = 6;
+    req.retries = 3;
+    let id = c.submit_job(req).await.unwrap().id;
+    // Pause (SIGSTOP) a node other than the one the test talks to while it runs an index.
+    let mut victim = None;
+    m.wait(60, "n1 or n2 runs an index", async || {
+        let j = job(&mut c, &id).await;
+        victim = ["n1", "n2"].into_iter().find(|n| {
+            j.indices.iter().any(|i| {
+                i.attempts
+                    .iter()
+                    .any(|a| a.node == *n && a.state == "RUNNING")
+            })
+        });
+        victim.is_some()
+    })
+    .await;
+    let victim = victim.unwrap();
+    let v = if victim == "n1" { 1 } else { 2 };
+    m.cluster.nodes[v].signal("STOP");
+    // The mesh declares it dead and gives its attempts up for lost.
+    m.wait(
+        120,
+        "an attempt of the paused node is marked lost",
+        async || {
+            job(&mut c, &id).await.indices.iter().any(|i| {
+                i.attempts
+                    .iter()
+                    .any(|a| a.node == victim && a.reason == "node lost")
+            })
+        },
+    )
+    .await;
+    // It wakes up still believing it runs them; it must neither undo the marks nor leave an
+    // index waiting on an attempt nobody runs.
+    m.cluster.nodes[v].signal("CONT");
+    m.wait(180, "the job ends", async || ended(&mut c, &id).await)
+        .await;
+    let j = job(&mut c, &id).await;
+    assert_eq!(j.state, "SUCCEEDED", "{j:#?}");
+    assert!(succeeded_once(&j), "{j:#?}");
+    m.wait(60, "the paused node is alive again", async || {
+        c.nodes()
+            .await
+            .map(|n| n.iter().filter(|n| n.state == "alive").count() == 3)
+            .unwrap_or(false)
+    })
+    .await;
+    let again = job(&mut c, &id).await;
+    assert!(succeeded_once(&again), "{again:#?}");
+    assert!(
+        again
+            .indices
+            .iter()
+            .flat_map(|i| i.attempts.iter())
+            .filter(|a| a.node == victim)
+            .all(|a| a.state != "RUNNING" && a.state != "STARTING"),
+        "{again:#?}"
+    );
+}

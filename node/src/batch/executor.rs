@@ -54,6 +54,8 @@ const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 const WASM_NO_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 struct Local {
+    /// The attempt number it runs.
+    number: u32,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -145,8 +147,18 @@ impl Executor {
                 if table.specs.get(&key.0).is_none_or(|s| s.cancelled) {
                     let _ = l.stop.send(true);
                 }
+                // Given up for lost while it ran (this node was thought dead): another
+                // attempt takes over, so this one stops and records nothing.
+                let lost = table
+                    .attempts_of(&key.0, key.1)
+                    .iter()
+                    .any(|a| a.number == l.number && a.reason == super::NODE_LOST);
+                if lost {
+                    let _ = l.stop.send(true);
+                }
             }
             if verdict == Verdict::Act {
+                self.mark_orphans_lost(&table, &local, &me);
                 let mut views = HashMap::new();
                 for ((id, index), epoch) in &mine {
                     if local.contains_key(&(id.clone(), *index)) {
@@ -213,10 +225,8 @@ impl Executor {
                 if a.node != me && !node_is_dead(node, &a.node) {
                     return None;
                 }
-                a.state = AttemptState::Failed;
-                a.reason = super::NODE_LOST.into();
-                a.ended_ms = now;
-                write_attempt(node, &spec.id, view.index, a);
+                let mark = mark_lost(node, &spec.id, view.index, a.number)?;
+                super::mark_lost(a, &mark);
                 tracing::warn!(job = %spec.id, index = view.index, attempt = a.number,
                     node = %a.node_name, "attempt lost with its node");
             }
@@ -257,7 +267,26 @@ impl Executor {
             attempt,
             stop_rx,
         ));
-        Some(Local { stop, task })
+        Some(Local { number, stop, task })
+    }
+
+    /// Marks lost this node's own attempts that are recorded as starting or running but that
+    /// it does not run: it stopped them while fenced (recording nothing), or it restarted.
+    /// Without this, a node elsewhere would wait for them forever (their node is alive).
+    fn mark_orphans_lost(&self, table: &JobTable, local: &HashMap<(String, u32), Local>, me: &str) {
+        for ((id, index), attempts) in &table.attempts {
+            for a in attempts {
+                let orphan = a.node == me
+                    && matches!(a.state, AttemptState::Starting | AttemptState::Running)
+                    && local
+                        .get(&(id.clone(), *index))
+                        .is_none_or(|l| l.number != a.number);
+                if orphan && mark_lost(&self.ctx.node, id, *index, a.number).is_some() {
+                    tracing::warn!(job = %id, index, attempt = a.number,
+                        "own attempt not running here (stopped while fenced, or restarted): lost");
+                }
+            }
+        }
     }
 
     /// Emits `job.finished` once for each job that ended, from the job's coordinator.
@@ -336,6 +365,22 @@ impl Executor {
                 }
                 Err(e) => tracing::warn!(job = %id, error = %e, "cannot remove an expired job"),
             }
+        }
+    }
+}
+
+/// Writes the lost mark of an attempt; `None` if it could not be stored.
+fn mark_lost(node: &NodeState, id: &str, index: u32, number: u32) -> Option<super::LostMark> {
+    let mark = super::LostMark {
+        at_ms: crate::functions::now_ms(),
+        by: node.name.clone(),
+    };
+    let value = serde_json::to_vec(&mark).expect("marks serialize");
+    match node.write(&super::lost_key(id, index, number), Some(value)) {
+        Ok(_) => Some(mark),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record a lost attempt");
+            None
         }
     }
 }
@@ -429,6 +474,11 @@ async fn run_attempt(
     if *ctx.node.verdict.lock().expect("verdict lock") == Verdict::Fenced {
         tracing::warn!(job = %spec.id, index, attempt = attempt.number,
             "attempt ended while fenced; not recorded");
+        return;
+    }
+    if super::is_marked_lost(&ctx.node, &spec.id, index, attempt.number) {
+        tracing::warn!(job = %spec.id, index, attempt = attempt.number,
+            "attempt was given up for lost while it ran; not recorded");
         return;
     }
     let mut outcome = outcome;

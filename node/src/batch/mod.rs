@@ -6,8 +6,14 @@
 //!   with the submit time in hex, so they sort in submission order and the placement core,
 //!   which orders workloads by priority and then id, places first in, first out within a
 //!   priority.
-//! - `jobatt/<id>/<index>/<n>`: attempt `n` of index `index` ([`Attempt`]), written by the
-//!   node that runs it, or marked "node lost" by the node the index moved to.
+//! - `jobatt/<id>/<index>/<n>`: attempt `n` of index `index` ([`Attempt`]), written only by
+//!   the node that runs it.
+//! - `joblost/<id>/<index>/<n>`: a [`LostMark`]: attempt `n` was given up for lost ("node
+//!   lost"), by the node the index moved to (its node died) or by its own node (which stopped
+//!   it while fenced, or restarted). A key of its own, so that a late write of the attempt by
+//!   a node that was wrongly thought dead cannot undo it (the state is last-writer-wins per
+//!   key): a marked attempt reads as FAILED whatever its own record says, and its node stops
+//!   it. So an index never shows two successes, and never waits on an attempt nobody runs.
 //!
 //! Every index that may run (dependencies met, not finished, attempts left) is a workload
 //! `job/<id>/<index>` for the placement core, so claims and fencing epochs decide where it
@@ -37,6 +43,7 @@ use crate::services::{CONTAINERS_LABEL, CONTAINERS_READY, LogPiece, LogRead};
 const JOB_PREFIX: &str = "job/";
 const ATTEMPT_PREFIX: &str = "jobatt/";
 const EVENT_PREFIX: &str = "jobev/";
+const LOST_PREFIX: &str = "joblost/";
 /// Most indices of an array job.
 pub const MAX_ARRAY: u32 = 10_000;
 /// Most retries.
@@ -103,6 +110,15 @@ impl JobSpec {
     pub fn max_attempts(&self) -> u32 {
         self.retries + 1
     }
+}
+
+/// The record that an attempt was given up for lost (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostMark {
+    /// When it was marked, ms since the epoch (the attempt's end).
+    pub at_ms: u64,
+    /// Name of the node that marked it.
+    pub by: String,
 }
 
 /// How an attempt is doing.
@@ -322,35 +338,53 @@ pub struct IndexView {
 }
 
 impl JobTable {
-    /// Reads every job and attempt.
+    /// Reads every job, attempt and lost mark.
     pub fn read(node: &NodeState) -> Self {
         let replica = node.replica.lock().expect("replica lock");
-        let specs = replica
-            .map()
+        let map = replica.map();
+        let specs = map
             .list(JOB_PREFIX)
-            .filter_map(|e| serde_json::from_slice::<JobSpec>(e.value.as_deref()?).ok())
-            .map(|s| (s.id.clone(), s))
-            .collect();
-        let mut attempts: HashMap<(String, u32), Vec<Attempt>> = HashMap::new();
-        for e in replica.map().list(ATTEMPT_PREFIX) {
-            let mut parts = e.key[ATTEMPT_PREFIX.len()..].split('/');
-            let (Some(id), Some(index)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let Ok(index) = index.parse() else { continue };
-            let Some(a) = e
-                .value
-                .as_deref()
-                .and_then(|v| serde_json::from_slice::<Attempt>(v).ok())
-            else {
-                continue;
-            };
-            attempts.entry((id.to_string(), index)).or_default().push(a);
+            .filter_map(|e| serde_json::from_slice::<JobSpec>(e.value.as_deref()?).ok());
+        let attempts = map.list(ATTEMPT_PREFIX).filter_map(|e| {
+            let (id, index, _) = parse_attempt_path(&e.key[ATTEMPT_PREFIX.len()..])?;
+            let a = serde_json::from_slice::<Attempt>(e.value.as_deref()?).ok()?;
+            Some((id.to_string(), index, a))
+        });
+        let marks = map.list(LOST_PREFIX).filter_map(|e| {
+            let (id, index, number) = parse_attempt_path(&e.key[LOST_PREFIX.len()..])?;
+            let mark = serde_json::from_slice::<LostMark>(e.value.as_deref()?).ok()?;
+            Some((id.to_string(), index, number, mark))
+        });
+        Self::from_records(specs, attempts, marks)
+    }
+
+    /// A table from records as stored: specs, attempts by `(id, index)`, and lost marks by
+    /// `(id, index, attempt number)`, which override the attempts' own records.
+    pub fn from_records(
+        specs: impl IntoIterator<Item = JobSpec>,
+        attempts: impl IntoIterator<Item = (String, u32, Attempt)>,
+        marks: impl IntoIterator<Item = (String, u32, u32, LostMark)>,
+    ) -> Self {
+        let specs = specs.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let mut by_index: HashMap<(String, u32), Vec<Attempt>> = HashMap::new();
+        for (id, index, a) in attempts {
+            by_index.entry((id, index)).or_default().push(a);
         }
-        for list in attempts.values_mut() {
+        for (id, index, number, mark) in marks {
+            if let Some(a) = by_index
+                .get_mut(&(id, index))
+                .and_then(|list| list.iter_mut().find(|a| a.number == number))
+            {
+                mark_lost(a, &mark);
+            }
+        }
+        for list in by_index.values_mut() {
             list.sort_by_key(|a| a.number);
         }
-        Self { specs, attempts }
+        Self {
+            specs,
+            attempts: by_index,
+        }
     }
 
     /// When job `id` ended, ms since the epoch: `None` while any index may still run. The
@@ -470,6 +504,7 @@ pub fn remove_job_records(node: &NodeState, id: &str) -> Result<usize, JobError>
         let map = replica.map();
         let mut keys: Vec<String> = map
             .list(&format!("{ATTEMPT_PREFIX}{id}/"))
+            .chain(map.list(&format!("{LOST_PREFIX}{id}/")))
             .map(|e| e.key.clone())
             .collect();
         for key in [format!("{EVENT_PREFIX}{id}"), format!("{JOB_PREFIX}{id}")] {
@@ -484,6 +519,36 @@ pub fn remove_job_records(node: &NodeState, id: &str) -> Result<usize, JobError>
             .map_err(|e| JobError::State(e.to_string()))?;
     }
     Ok(keys.len())
+}
+
+/// `<id>/<index>/<n>` of an attempt or lost-mark key.
+fn parse_attempt_path(path: &str) -> Option<(&str, u32, u32)> {
+    let mut parts = path.split('/');
+    let id = parts.next()?;
+    let index = parts.next()?.parse().ok()?;
+    let number = parts.next()?.parse().ok()?;
+    Some((id, index, number))
+}
+
+/// Applies a lost mark to an attempt's own record: it failed with reason "node lost".
+pub fn mark_lost(attempt: &mut Attempt, mark: &LostMark) {
+    attempt.state = AttemptState::Failed;
+    attempt.reason = NODE_LOST.into();
+    attempt.exit_code = None;
+    if attempt.ended_ms == 0 || attempt.ended_ms > mark.at_ms {
+        attempt.ended_ms = mark.at_ms;
+    }
+}
+
+/// The key of an attempt's lost mark.
+pub fn lost_key(id: &str, index: u32, number: u32) -> String {
+    format!("{LOST_PREFIX}{id}/{index}/{number}")
+}
+
+/// Whether attempt `number` of `(id, index)` is marked lost (one key read).
+pub fn is_marked_lost(node: &NodeState, id: &str, index: u32, number: u32) -> bool {
+    let replica = node.replica.lock().expect("replica lock");
+    replica.map().get(&lost_key(id, index, number)).is_some()
 }
 
 /// The key of an attempt record.
@@ -838,16 +903,10 @@ mod tests {
         assert_eq!(JobState::parse("running"), Some(Running));
     }
 
-    /// A table of `specs` with `attempts` by (id, index).
+    /// A table of `specs` with `attempts` of index 0.
     fn table(specs: Vec<JobSpec>, attempts: Vec<(&str, Attempt)>) -> JobTable {
-        let mut by_index: HashMap<(String, u32), Vec<Attempt>> = HashMap::new();
-        for (id, a) in attempts {
-            by_index.entry((id.to_string(), 0)).or_default().push(a);
-        }
-        JobTable {
-            specs: specs.into_iter().map(|s| (s.id.clone(), s)).collect(),
-            attempts: by_index,
-        }
+        let attempts = attempts.into_iter().map(|(id, a)| (id.to_string(), 0, a));
+        JobTable::from_records(specs, attempts, [])
     }
 
     fn job(id: &str, submitted_ms: u64, depends_on: &[&str]) -> JobSpec {
@@ -928,5 +987,73 @@ mod tests {
             ]
         );
         assert!(t.expired(100).is_empty(), "ended at the cutoff is kept");
+    }
+
+    #[test]
+    fn a_lost_mark_wins_over_a_late_write_of_the_attempt() {
+        use AttemptState::*;
+        let mark = LostMark {
+            at_ms: 500,
+            by: "n4".into(),
+        };
+        // Attempt 1 was marked lost; its node, wrongly thought dead, later wrote it RUNNING
+        // and then SUCCEEDED. Attempt 2 ran elsewhere and succeeded.
+        let late = Attempt {
+            started_ms: 100,
+            ..ended_at(1, Succeeded, 900)
+        };
+        let t = JobTable::from_records(
+            vec![job("j", 10, &[])],
+            vec![
+                ("j".to_string(), 0, late),
+                ("j".to_string(), 0, ended_at(2, Succeeded, 800)),
+            ],
+            vec![
+                ("j".to_string(), 0, 1, mark.clone()),
+                // A mark for an attempt that is not recorded (yet) changes nothing.
+                ("j".to_string(), 0, 3, mark),
+            ],
+        );
+        let a = t.attempts_of("j", 0);
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].state, a[0].reason.as_str()), (Failed, NODE_LOST));
+        assert_eq!((a[0].ended_ms, a[0].exit_code), (500, None));
+        assert_eq!(a[1].state, Succeeded);
+        let views = t.indices("j");
+        assert_eq!(views[0].state, JobState::Succeeded);
+        assert_eq!(
+            views[0]
+                .attempts
+                .iter()
+                .filter(|a| a.state == Succeeded)
+                .count(),
+            1,
+            "exactly one success in the record"
+        );
+        // A RUNNING attempt marked lost no longer holds the index: it is runnable again.
+        let t = JobTable::from_records(
+            vec![job("r", 10, &[])],
+            vec![(
+                "r".to_string(),
+                0,
+                Attempt {
+                    started_ms: 50,
+                    ..attempt(1, Running, None, "")
+                },
+            )],
+            vec![(
+                "r".to_string(),
+                0,
+                1,
+                LostMark {
+                    at_ms: 60,
+                    by: "n1".into(),
+                },
+            )],
+        );
+        assert_eq!(t.indices("r")[0].state, JobState::Runnable);
+        assert_eq!(parse_attempt_path("abc/7/2"), Some(("abc", 7, 2)));
+        assert_eq!(parse_attempt_path("abc/x/2"), None);
+        assert_eq!(parse_attempt_path("abc/7"), None);
     }
 }
