@@ -567,15 +567,8 @@ async fn checked_request(
                 call_function(state, name, m.rest.clone(), request, limit, response_limit).await
             }
             RouteTarget::Service(name) => {
-                crate::gateway::proxy_to_service(
-                    &state.node,
-                    name,
-                    route,
-                    &m.rest,
-                    request,
-                    &state.gateway.stats,
-                )
-                .await
+                crate::gateway::proxy_to_service(&state.gateway, name, route, &m.rest, request)
+                    .await
             }
         }
     };

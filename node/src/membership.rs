@@ -127,6 +127,7 @@ pub struct MembershipTable {
     local: String,
     detector: FailureDetector,
     members: HashMap<String, Member>,
+    version: u64,
 }
 
 impl MembershipTable {
@@ -136,7 +137,14 @@ impl MembershipTable {
             local,
             detector,
             members: HashMap::new(),
+            version: 0,
         }
+    }
+
+    /// Bumped whenever a member appears, changes verdict or changes its addresses: what
+    /// the gateway's cached replica endpoints depend on (see `gateway::proxy`).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The failure detector settings.
@@ -153,6 +161,9 @@ impl MembershipTable {
                     return None;
                 }
                 let from = m.state;
+                if from != MemberState::Alive || m.heartbeat.addrs != hb.addrs {
+                    self.version += 1;
+                }
                 m.heartbeat = hb;
                 m.last_heard = now;
                 m.state = MemberState::Alive;
@@ -170,6 +181,7 @@ impl MembershipTable {
                     from: None,
                     to: MemberState::Alive,
                 };
+                self.version += 1;
                 self.members.insert(
                     hb.peer_id.clone(),
                     Member {
@@ -208,6 +220,9 @@ impl MembershipTable {
                 });
                 m.state = verdict;
             }
+        }
+        if !out.is_empty() {
+            self.version += 1;
         }
         out
     }
@@ -272,6 +287,36 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_version_moves_with_members_verdicts_and_addresses_only() {
+        let t0 = Instant::now();
+        let d = FailureDetector::default();
+        let mut t = MembershipTable::new("me".into(), d);
+        let v0 = t.version();
+        t.observe(hb("b", 1, 1), t0);
+        let v1 = t.version();
+        assert!(v1 > v0, "a new member");
+        t.observe(hb("b", 1, 2), t0 + ms(10));
+        t.tick(t0 + ms(20));
+        assert_eq!(
+            t.version(),
+            v1,
+            "a heartbeat that changes nothing that matters"
+        );
+        let mut moved = hb("b", 1, 3);
+        moved.addrs = vec!["/ip4/10.0.0.2/tcp/7000".into()];
+        t.observe(moved, t0 + ms(30));
+        let v2 = t.version();
+        assert!(v2 > v1, "new addresses");
+        t.tick(t0 + ms(30) + d.suspect_after);
+        let v3 = t.version();
+        assert!(v3 > v2, "suspect");
+        let mut back = hb("b", 1, 4);
+        back.addrs = vec!["/ip4/10.0.0.2/tcp/7000".into()];
+        t.observe(back, t0 + ms(40) + d.suspect_after);
+        assert!(t.version() > v3, "alive again");
     }
 
     #[test]

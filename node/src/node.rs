@@ -172,6 +172,39 @@ impl NodeState {
         self.changes.subscribe()
     }
 
+    /// The number of state changes so far: differs from an earlier reading once the
+    /// replicated state changed (a local write or an applied remote entry) since then.
+    pub fn state_generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// A node state over a fresh replica in `dir`, with no network task (writes are stored
+    /// but go nowhere), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(dir: &std::path::Path, name: &str) -> Arc<Self> {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let peer_id = key.public().to_peer_id();
+        let db = crate::datadir::StateDb::open(&dir.join("state.redb")).expect("state db");
+        let replica = Replica::load(db, peer_id.to_string()).expect("replica");
+        let detector = FailureDetector::default();
+        Arc::new(NodeState {
+            peer_id,
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+            cluster_id: "test".into(),
+            detector,
+            membership: RwLock::new(MembershipTable::new(peer_id.to_string(), detector)),
+            replica: Mutex::new(replica),
+            router: RpcRouter::default(),
+            allocated: Mutex::new(Default::default()),
+            containers_ready: std::sync::atomic::AtomicBool::new(false),
+            verdict: Mutex::new(crate::fence::Verdict::Act),
+            pending: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+            network: mpsc::unbounded_channel().0,
+        })
+    }
+
     /// Writes a value (or deletes with `None`) and spreads it to the mesh.
     pub fn write(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
         let entry = self

@@ -521,6 +521,8 @@ pub struct Gateway {
     pub limits: Arc<limits::Limits>,
     /// Per-route counters.
     pub stats: Arc<stats::GatewayStats>,
+    /// The replicas of each service, kept until the state or the membership changes.
+    upstreams: proxy::Upstreams,
 }
 
 impl Gateway {
@@ -535,6 +537,7 @@ impl Gateway {
             snapshot: Mutex::new((snapshot, Instant::now(), GENERATION.load(Ordering::Relaxed))),
             limits,
             stats,
+            upstreams: proxy::Upstreams::default(),
         })
     }
 

@@ -9,6 +9,11 @@
 //! client reconnect too. WebSocket (any HTTP upgrade) passes through when the route allows it,
 //! on a connection of its own. Answers are held to the route's response limit (see
 //! [`super::response`]); a connection is pooled again only after an answer read whole.
+//!
+//! The endpoints of each service are computed once per change ([`Upstreams`]): they depend
+//! only on the replicated state (claims, replica statuses) and on the membership (verdicts,
+//! addresses), so they are kept until either changes and recomputed by the first request
+//! after it, never served stale.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,9 +26,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCo
 use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 
-use super::Route;
 use super::response::{self, CappedBody, Source};
 use super::stats::GatewayStats;
+use super::{Gateway, Route};
 use crate::node::NodeState;
 use crate::services::{self, Endpoint};
 
@@ -46,31 +51,31 @@ type Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
 static POOL: LazyLock<Mutex<HashMap<SocketAddr, Vec<Sender>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// An idle connection to `addr` that is still open, if there is one.
+/// An idle connection to `addr` that is still open, if there is one. It may still be
+/// finishing its previous exchange: wait for [`Sender::ready`] before sending on it.
 fn checkout(addr: SocketAddr) -> Option<Sender> {
     let mut pool = POOL.lock().expect("pool lock");
     let idle = pool.get_mut(&addr)?;
     while let Some(sender) = idle.pop() {
-        if !sender.is_closed() && sender.is_ready() {
+        if !sender.is_closed() {
             return Some(sender);
         }
     }
     None
 }
 
-/// Puts a connection back once its current exchange is over (the response body read).
-fn checkin(addr: SocketAddr, mut sender: Sender) {
-    tokio::spawn(async move {
-        if sender.ready().await.is_err() {
-            return;
-        }
-        let mut pool = POOL.lock().expect("pool lock");
-        let idle = pool.entry(addr).or_default();
-        idle.retain(|s| !s.is_closed());
-        if idle.len() < MAX_IDLE {
-            idle.push(sender);
-        }
-    });
+/// Puts a connection back once its current exchange is over (the response body read). No
+/// task is spawned to wait until the connection is ready again: [`checkout`]'s caller waits.
+fn checkin(addr: SocketAddr, sender: Sender) {
+    if sender.is_closed() {
+        return;
+    }
+    let mut pool = POOL.lock().expect("pool lock");
+    let idle = pool.entry(addr).or_default();
+    idle.retain(|s| !s.is_closed());
+    if idle.len() < MAX_IDLE {
+        idle.push(sender);
+    }
 }
 
 /// A new connection to `addr`; `upgrades` keeps it able to switch protocols.
@@ -128,17 +133,99 @@ pub(crate) fn plain(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
-/// Orders endpoints: local replicas first (rotated among themselves), then the others.
-fn order(mut endpoints: Vec<Endpoint>, me: &str) -> Vec<Endpoint> {
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let local = endpoints.iter().filter(|e| e.node == me).count();
-    if local > 0 {
-        endpoints[..local].rotate_left(n % local);
-    } else if !endpoints.is_empty() {
-        let len = endpoints.len();
-        endpoints.rotate_left(n % len);
+/// What the proxy needs of one service, computed once per change of what it depends on.
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    /// Healthy replicas that run under their current claim, local ones first.
+    endpoints: Vec<Endpoint>,
+    /// The `Host` header sent to each endpoint (its address).
+    hosts: Vec<HeaderValue>,
+    /// How many endpoints are on this node (they come first).
+    local: usize,
+    /// `mesh_gateway_forwarded_total{service}`.
+    forwarded: metrics::Counter,
+}
+
+impl Upstream {
+    fn new(service: &str, endpoints: Vec<Endpoint>, me: &str) -> Self {
+        let hosts = endpoints
+            .iter()
+            .map(|e| {
+                HeaderValue::from_str(&e.addr.to_string()).expect("an address is a valid header")
+            })
+            .collect();
+        let local = endpoints.iter().filter(|e| e.node == me).count();
+        Self {
+            endpoints,
+            hosts,
+            local,
+            forwarded: metrics::counter!("mesh_gateway_forwarded_total",
+                "service" => service.to_string()),
+        }
     }
-    endpoints
+
+    /// The endpoints in the order to try them, with their `Host` header, for the `n`th
+    /// request: local replicas first (rotated among themselves), then the others; without a
+    /// local one, all rotated.
+    fn order(&self, n: usize) -> impl Iterator<Item = (&Endpoint, &HeaderValue)> {
+        let (len, local) = (self.endpoints.len(), self.local);
+        (0..len).map(move |i| {
+            let j = if local > 0 {
+                if i < local { (i + n) % local } else { i }
+            } else {
+                (i + n) % len
+            };
+            (&self.endpoints[j], &self.hosts[j])
+        })
+    }
+}
+
+/// What a node's state and membership looked like when an [`Upstream`] was computed.
+type Stamp = (u64, u64);
+
+/// The [`Upstream`] of each service this node's gateway forwarded to since the last change
+/// of the replicated state or the membership. A request reads the state's generation and
+/// the membership's version first; an entry computed under other ones is recomputed, so a
+/// replica that moved, died or became unhealthy is seen by the first request after the
+/// change reached this node, as when the endpoints were read for every request.
+#[derive(Default)]
+pub(crate) struct Upstreams {
+    entries: Mutex<HashMap<String, (Stamp, Arc<Upstream>)>>,
+}
+
+impl Upstreams {
+    /// The current [`Upstream`] of `service`.
+    pub(crate) fn get(&self, node: &NodeState, service: &str) -> Arc<Upstream> {
+        // Read before the state, so that a change while computing only leaves an entry
+        // that the next request recomputes.
+        let stamp = (
+            node.state_generation(),
+            node.membership.read().expect("membership lock").version(),
+        );
+        self.get_or_compute(service, stamp, || {
+            let me = node.peer_id.to_string();
+            Upstream::new(service, services::endpoints(node, service), &me)
+        })
+    }
+
+    fn get_or_compute(
+        &self,
+        service: &str,
+        stamp: Stamp,
+        compute: impl FnOnce() -> Upstream,
+    ) -> Arc<Upstream> {
+        if let Some((at, upstream)) = self.entries.lock().expect("upstreams lock").get(service)
+            && *at == stamp
+        {
+            return upstream.clone();
+        }
+        let fresh = Arc::new(compute());
+        let mut entries = self.entries.lock().expect("upstreams lock");
+        // Entries of an older stamp are of no use any more (this also bounds the map).
+        entries.retain(|_, (at, _)| *at == stamp);
+        entries.insert(service.to_string(), (stamp, fresh.clone()));
+        fresh
+    }
 }
 
 /// Whether an error (or one of its sources) is a body over its limit.
@@ -159,21 +246,18 @@ pub(crate) fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 /// route's time limit (504), and its answer may be at most the route's response limit (502
 /// from the declared length, else cut while streaming, counted in `stats`).
 pub async fn proxy_to_service(
-    node: &Arc<NodeState>,
+    gateway: &Gateway,
     service: &str,
     route: &Route,
     rest: &str,
     mut request: Request<Body>,
-    stats: &Arc<GatewayStats>,
 ) -> Response<Body> {
     let websocket = route.websocket;
     let body_limit = route.body_limit();
     let timeout = route.timeout();
-    let endpoints = order(
-        services::endpoints(node, service),
-        &node.peer_id.to_string(),
-    );
-    if endpoints.is_empty() {
+    let upstream = gateway.upstreams.get(&gateway.node, service);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    if upstream.endpoints.is_empty() {
         metrics::counter!("mesh_gateway_no_replica_total", "service" => service.to_string())
             .increment(1);
         return plain(
@@ -218,20 +302,21 @@ pub async fn proxy_to_service(
     // A reused connection first, else a new one; a replica that refuses is skipped. A
     // request a reused connection could not send goes out again on a new connection.
     let mut sent = None;
-    'endpoints: for e in &endpoints {
-        forwarded.headers_mut().insert(
-            header::HOST,
-            HeaderValue::from_str(&e.addr.to_string()).expect("an address is a valid header"),
-        );
-        let reused = if wants_upgrade {
+    'endpoints: for (e, host) in upstream.order(n) {
+        forwarded.headers_mut().insert(header::HOST, host.clone());
+        let mut reused = if wants_upgrade {
             None
         } else {
             checkout(e.addr)
         };
-        let mut candidates = reused.into_iter().map(|s| (s, true)).collect::<Vec<_>>();
         loop {
-            let (mut sender, was_reused) = match candidates.pop() {
-                Some(c) => c,
+            // A pooled connection may still be taking in the end of its last exchange.
+            let ready = match reused.take() {
+                Some(mut s) => s.ready().await.is_ok().then_some(s),
+                None => None,
+            };
+            let (mut sender, was_reused) = match ready {
+                Some(s) => (s, true),
                 None => match connect(e.addr, wants_upgrade).await {
                     Some(s) => (s, false),
                     None => {
@@ -248,7 +333,7 @@ pub async fn proxy_to_service(
                     );
                 }
                 Ok(Ok(response)) => {
-                    sent = Some((response, sender, e.clone()));
+                    sent = Some((response, sender, e.addr));
                     break 'endpoints;
                 }
                 Ok(Err(mut failed)) => {
@@ -276,14 +361,13 @@ pub async fn proxy_to_service(
             }
         }
     }
-    let Some((response, sender, endpoint)) = sent else {
+    let Some((response, sender, addr)) = sent else {
         return plain(
             StatusCode::BAD_GATEWAY,
             format!("no replica of {service} accepted the connection"),
         );
     };
-    metrics::counter!("mesh_gateway_forwarded_total", "service" => service.to_string())
-        .increment(1);
+    upstream.forwarded.increment(1);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -300,14 +384,14 @@ pub async fn proxy_to_service(
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, Body::empty());
     }
-    let pooled = (!wants_upgrade).then_some((endpoint.addr, sender));
+    let pooled = (!wants_upgrade).then_some((addr, sender));
     limited(
         response,
         pooled,
         &method,
         &route.label(),
         route.response_limit(),
-        stats,
+        &gateway.stats,
     )
 }
 
@@ -341,9 +425,7 @@ fn limited(
         stats.record_cut(&label);
     };
     let on_complete = move || {
-        if let Some((addr, sender)) = pooled
-            && tokio::runtime::Handle::try_current().is_ok()
-        {
+        if let Some((addr, sender)) = pooled {
             checkin(addr, sender);
         }
     };
@@ -358,14 +440,13 @@ mod tests {
     //! The pool and the response limit against a keep-alive upstream on loopback (the whole
     //! gateway against real replicas is in `node/tests/gateway.rs`).
 
-    use std::time::Instant;
-
     use axum::http::Method;
     use http_body_util::Empty;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::membership::{FailureDetector, Heartbeat};
 
     /// An upstream that answers the first request of one connection with `answer`, keeps the
     /// connection open, and reports when the other side closes it.
@@ -490,11 +571,189 @@ mod tests {
         assert_eq!(r.status(), StatusCode::OK);
         let got = r.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(got, body);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while idle(addr) == 0 {
-            assert!(Instant::now() < deadline, "the connection was not pooled");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert_eq!(idle(addr), 1, "pooled as soon as the body was read whole");
         assert!(stats.local().is_empty(), "nothing counted");
+        let mut again = checkout(addr).expect("the pooled connection");
+        again.ready().await.expect("ready for the next exchange");
+        assert_eq!(idle(addr), 0);
+    }
+
+    fn endpoint(index: u32, node: &str, port: u16) -> Endpoint {
+        Endpoint {
+            index,
+            node: node.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    #[test]
+    fn local_replicas_come_first_and_take_turns() {
+        let u = Upstream::new(
+            "web",
+            vec![
+                endpoint(0, "me", 1),
+                endpoint(1, "me", 2),
+                endpoint(2, "other", 3),
+                endpoint(3, "other", 4),
+            ],
+            "me",
+        );
+        let ports = |n| u.order(n).map(|(e, _)| e.addr.port()).collect::<Vec<_>>();
+        assert_eq!(ports(0), [1, 2, 3, 4]);
+        assert_eq!(ports(1), [2, 1, 3, 4]);
+        assert_eq!(ports(2), [1, 2, 3, 4]);
+        let hosts: Vec<_> = u
+            .order(1)
+            .map(|(_, h)| h.to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            hosts,
+            ["127.0.0.1:2", "127.0.0.1:1", "127.0.0.1:3", "127.0.0.1:4"]
+        );
+        let remote = Upstream::new(
+            "web",
+            vec![
+                endpoint(0, "a", 1),
+                endpoint(1, "b", 2),
+                endpoint(2, "c", 3),
+            ],
+            "me",
+        );
+        let ports = |n| {
+            remote
+                .order(n)
+                .map(|(e, _)| e.addr.port())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ports(0), [1, 2, 3]);
+        assert_eq!(ports(1), [2, 3, 1]);
+        assert_eq!(ports(5), [3, 1, 2]);
+        assert_eq!(Upstream::new("web", vec![], "me").order(3).count(), 0);
+    }
+
+    /// Writes the claim of replica `index` of service `web` and the status its node reports.
+    fn place(node: &NodeState, index: u32, owner: &str, epoch: u64, port: u16, healthy: bool) {
+        let claim = serde_json::json!({ "node": owner, "epoch": epoch });
+        node.write(
+            &format!("claim/svc/web/{index}"),
+            Some(serde_json::to_vec(&claim).unwrap()),
+        )
+        .unwrap();
+        let status = services::ReplicaStatus {
+            node: owner.into(),
+            node_name: "n".into(),
+            epoch,
+            template: "t".into(),
+            state: "running".into(),
+            restarts: 0,
+            since_ms: 1,
+            reason: String::new(),
+            healthy,
+            port,
+            container_id: "c".into(),
+        };
+        node.write(
+            &services::status_key("web", index),
+            Some(serde_json::to_vec(&status).unwrap()),
+        )
+        .unwrap();
+    }
+
+    fn addrs(u: &Upstream) -> Vec<String> {
+        u.order(0).map(|(e, _)| e.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn endpoints_are_cached_until_the_state_changes_and_seen_at_once_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeState::for_tests(dir.path(), "n0");
+        let me = node.peer_id.to_string();
+        let upstreams = Upstreams::default();
+        assert!(addrs(&upstreams.get(&node, "web")).is_empty());
+
+        place(&node, 0, &me, 1, 1000, true);
+        let first = upstreams.get(&node, "web");
+        assert_eq!(addrs(&first), ["127.0.0.1:1000"]);
+        assert_eq!(first.local, 1);
+        assert!(
+            Arc::ptr_eq(&first, &upstreams.get(&node, "web")),
+            "nothing changed: the same entry"
+        );
+
+        // The replica moves (a new claim epoch, a new port): the next request sees it.
+        place(&node, 0, &me, 2, 2000, true);
+        assert_eq!(addrs(&upstreams.get(&node, "web")), ["127.0.0.1:2000"]);
+        // A status that does not match the claim is not used.
+        node.write(
+            "claim/svc/web/0",
+            Some(serde_json::to_vec(&serde_json::json!({ "node": me, "epoch": 3 })).unwrap()),
+        )
+        .unwrap();
+        assert!(addrs(&upstreams.get(&node, "web")).is_empty());
+        // It runs again, then fails its health check.
+        place(&node, 0, &me, 3, 3000, true);
+        assert_eq!(addrs(&upstreams.get(&node, "web")), ["127.0.0.1:3000"]);
+        place(&node, 0, &me, 3, 3000, false);
+        assert!(addrs(&upstreams.get(&node, "web")).is_empty());
+        // A change to another service's records invalidates too (one generation for all).
+        place(&node, 0, &me, 4, 4000, true);
+        let before = upstreams.get(&node, "web");
+        node.write("svc/other", Some(b"{}".to_vec())).unwrap();
+        let after = upstreams.get(&node, "web");
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert_eq!(addrs(&after), ["127.0.0.1:4000"]);
+    }
+
+    #[test]
+    fn a_replica_on_a_node_that_stops_answering_is_dropped_without_a_state_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeState::for_tests(dir.path(), "n0");
+        let upstreams = Upstreams::default();
+        let peer = "12D3KooWRemotePeer";
+        let heartbeat = |seq, ip: &str| Heartbeat {
+            peer_id: peer.into(),
+            name: "n1".into(),
+            incarnation: 1,
+            seq,
+            addrs: vec![format!("/ip4/{ip}/tcp/7000")],
+            labels: Default::default(),
+            total: Default::default(),
+            allocated: Default::default(),
+            disk_free_bytes: 0,
+            workloads: 0,
+            version: "test".into(),
+        };
+        let t0 = std::time::Instant::now();
+        node.membership
+            .write()
+            .unwrap()
+            .observe(heartbeat(1, "10.0.0.2"), t0);
+        place(&node, 0, peer, 1, 5000, true);
+        let generation = node.state_generation();
+        let u = upstreams.get(&node, "web");
+        assert_eq!(addrs(&u), ["10.0.0.2:5000"]);
+        assert_eq!(u.local, 0);
+
+        // Its node comes back on another address: the replica is reached there.
+        node.membership
+            .write()
+            .unwrap()
+            .observe(heartbeat(2, "10.0.0.3"), t0);
+        assert_eq!(addrs(&upstreams.get(&node, "web")), ["10.0.0.3:5000"]);
+        // Its node falls silent: suspect, then its replica is no longer sent to.
+        let suspect_after = FailureDetector::default().suspect_after;
+        node.membership.write().unwrap().tick(t0 + suspect_after);
+        assert!(addrs(&upstreams.get(&node, "web")).is_empty());
+        assert_eq!(
+            node.state_generation(),
+            generation,
+            "no state change involved"
+        );
+        // It answers again.
+        node.membership
+            .write()
+            .unwrap()
+            .observe(heartbeat(3, "10.0.0.3"), t0 + suspect_after);
+        assert_eq!(addrs(&upstreams.get(&node, "web")), ["10.0.0.3:5000"]);
     }
 }
