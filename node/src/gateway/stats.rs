@@ -83,10 +83,70 @@ impl RouteCounters {
     }
 }
 
+/// The `/metrics` handles of one route, each registered on its first use (a route that
+/// never answered 4xx has no 4xx series), so that counting a request neither builds a label
+/// set nor looks the series up in the recorder.
+#[derive(Default)]
+struct RouteMetrics {
+    requests: Option<metrics::Counter>,
+    duration: Option<metrics::Histogram>,
+    client_errors: Option<metrics::Counter>,
+    server_errors: Option<metrics::Counter>,
+    throttled: Option<metrics::Counter>,
+}
+
+impl RouteMetrics {
+    fn record(&mut self, route: &str, status: u16, throttled: bool, d: Duration) {
+        let label = || route.to_string();
+        self.requests
+            .get_or_insert_with(
+                || metrics::counter!("mesh_gateway_requests_total", "route" => label()),
+            )
+            .increment(1);
+        if (400..500).contains(&status) {
+            self.client_errors
+                .get_or_insert_with(
+                    || metrics::counter!("mesh_gateway_4xx_total", "route" => label()),
+                )
+                .increment(1);
+        }
+        if status >= 500 {
+            self.server_error(route);
+        }
+        if throttled {
+            self.throttled
+                .get_or_insert_with(
+                    || metrics::counter!("mesh_gateway_throttled_total", "route" => label()),
+                )
+                .increment(1);
+        }
+        self.duration
+            .get_or_insert_with(
+                || metrics::histogram!("mesh_gateway_duration_seconds", "route" => label()),
+            )
+            .record(d.as_secs_f64());
+    }
+
+    fn server_error(&mut self, route: &str) {
+        self.server_errors
+            .get_or_insert_with(
+                || metrics::counter!("mesh_gateway_5xx_total", "route" => route.to_string()),
+            )
+            .increment(1);
+    }
+}
+
+/// One tracked route: its counters and its `/metrics` handles.
+#[derive(Default)]
+struct Tracked {
+    counters: RouteCounters,
+    metrics: RouteMetrics,
+}
+
 /// This node's per-route counters.
 #[derive(Default)]
 pub struct GatewayStats {
-    routes: Mutex<BTreeMap<String, RouteCounters>>,
+    routes: Mutex<BTreeMap<String, Tracked>>,
 }
 
 impl GatewayStats {
@@ -97,51 +157,51 @@ impl GatewayStats {
 
     /// Records one answered request on `/metrics` and in the counters.
     pub fn record(&self, route: &str, status: u16, throttled: bool, d: Duration) {
-        let label = route.to_string();
-        metrics::counter!("mesh_gateway_requests_total", "route" => label.clone()).increment(1);
-        if (400..500).contains(&status) {
-            metrics::counter!("mesh_gateway_4xx_total", "route" => label.clone()).increment(1);
-        }
-        if status >= 500 {
-            metrics::counter!("mesh_gateway_5xx_total", "route" => label.clone()).increment(1);
-        }
-        if throttled {
-            metrics::counter!("mesh_gateway_throttled_total", "route" => label.clone())
-                .increment(1);
-        }
-        metrics::histogram!("mesh_gateway_duration_seconds", "route" => label)
-            .record(d.as_secs_f64());
         let mut routes = self.routes.lock().expect("stats lock");
-        if !routes.contains_key(route) && routes.len() >= MAX_ROUTES {
-            routes
-                .entry("other".into())
-                .or_default()
-                .record(status, throttled, d);
-            return;
+        if !routes.contains_key(route) {
+            if routes.len() >= MAX_ROUTES {
+                // Counted under "other"; `/metrics` still names the route.
+                RouteMetrics::default().record(route, status, throttled, d);
+                tracked(&mut routes, "other")
+                    .counters
+                    .record(status, throttled, d);
+                return;
+            }
+            routes.insert(route.to_string(), Tracked::default());
         }
-        routes
-            .entry(route.to_string())
-            .or_default()
-            .record(status, throttled, d);
+        let t = routes.get_mut(route).expect("inserted above");
+        t.metrics.record(route, status, throttled, d);
+        t.counters.record(status, throttled, d);
     }
 
     /// Counts a server error for a request already recorded with the status of its head:
     /// its response was cut while streaming (it passed the route's response limit).
     pub fn record_cut(&self, route: &str) {
-        metrics::counter!("mesh_gateway_5xx_total", "route" => route.to_string()).increment(1);
         let mut routes = self.routes.lock().expect("stats lock");
-        let key = if !routes.contains_key(route) && routes.len() >= MAX_ROUTES {
-            "other"
-        } else {
-            route
-        };
-        routes.entry(key.to_string()).or_default().server_errors += 1;
+        if !routes.contains_key(route) && routes.len() >= MAX_ROUTES {
+            RouteMetrics::default().server_error(route);
+            tracked(&mut routes, "other").counters.server_errors += 1;
+            return;
+        }
+        let t = tracked(&mut routes, route);
+        t.metrics.server_error(route);
+        t.counters.server_errors += 1;
     }
 
     /// A copy of this node's counters.
     pub fn local(&self) -> BTreeMap<String, RouteCounters> {
-        self.routes.lock().expect("stats lock").clone()
+        self.routes
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .map(|(route, t)| (route.clone(), t.counters.clone()))
+            .collect()
     }
+}
+
+/// The entry of `route`, made if missing.
+fn tracked<'a>(routes: &'a mut BTreeMap<String, Tracked>, route: &str) -> &'a mut Tracked {
+    routes.entry(route.to_string()).or_default()
 }
 
 /// Registers `gw.stats`: this node's counters, postcard-encoded.
