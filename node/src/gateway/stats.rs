@@ -270,6 +270,30 @@ mod tests {
     }
 
     #[test]
+    fn routes_beyond_the_cap_count_under_other() {
+        let stats = GatewayStats::new();
+        for i in 0..MAX_ROUTES {
+            stats.record(&format!("/r{i}"), 200, false, Duration::ZERO);
+        }
+        stats.record("/r0", 404, false, Duration::ZERO);
+        stats.record("/new", 500, true, Duration::ZERO);
+        stats.record_cut("/new");
+        stats.record_cut("/r1");
+        let local = stats.local();
+        assert_eq!(local.len(), MAX_ROUTES + 1);
+        assert!(!local.contains_key("/new"));
+        let c = &local["other"];
+        assert_eq!(
+            (c.requests, c.server_errors, c.throttled),
+            (1, 2, 1),
+            "the request and its cut"
+        );
+        let c = &local["/r0"];
+        assert_eq!((c.requests, c.client_errors), (2, 1));
+        assert_eq!(local["/r1"].server_errors, 1);
+    }
+
+    #[test]
     fn a_cut_response_counts_as_a_server_error_not_a_request() {
         let stats = GatewayStats::new();
         stats.record("/big", 200, false, Duration::from_millis(1));
