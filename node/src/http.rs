@@ -256,19 +256,20 @@ async fn gateway_route(State(state): State<AppState>, request: Request) -> Respo
         .map(request_host)
         .unwrap_or_default();
     let snapshot = state.gateway.snapshot();
-    let (label, outcome) = match crate::gateway::match_route(&snapshot.routes, &host, &path) {
-        None => (
-            NO_ROUTE.to_string(),
-            Outcome::from(plain(
-                StatusCode::NOT_FOUND,
-                format!("no route for {}", clean(&path)),
-            )),
-        ),
-        Some(m) => {
-            let label = m.route.route.label();
-            (label, route_request(&state, &snapshot, m, request).await)
-        }
-    };
+    let (label, outcome): (Arc<str>, Outcome) =
+        match crate::gateway::match_route(&snapshot.routes, &host, &path) {
+            None => (
+                Arc::from(NO_ROUTE),
+                Outcome::from(plain(
+                    StatusCode::NOT_FOUND,
+                    format!("no route for {}", clean(&path)),
+                )),
+            ),
+            Some(m) => {
+                let label = m.route.label.clone();
+                (label, route_request(&state, &snapshot, m, request).await)
+            }
+        };
     let status = outcome.response.status().as_u16();
     let elapsed = started.elapsed();
     state
@@ -563,11 +564,11 @@ async fn checked_request(
         match &route.target {
             RouteTarget::Function(name) => {
                 let limit = usize::try_from(limit).unwrap_or(MAX_BODY_BYTES);
-                let response_limit = Some((route.label(), route.response_limit()));
+                let response_limit = Some((m.route.label.to_string(), route.response_limit()));
                 call_function(state, name, m.rest.clone(), request, limit, response_limit).await
             }
             RouteTarget::Service(name) => {
-                crate::gateway::proxy_to_service(&state.gateway, name, route, &m.rest, request)
+                crate::gateway::proxy_to_service(&state.gateway, name, &m.route, &m.rest, request)
                     .await
             }
         }

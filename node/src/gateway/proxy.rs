@@ -26,9 +26,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCo
 use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 
+use super::Gateway;
 use super::response::{self, CappedBody, Source};
 use super::stats::GatewayStats;
-use super::{Gateway, Route};
 use crate::node::NodeState;
 use crate::services::{self, Endpoint};
 
@@ -248,10 +248,11 @@ pub(crate) fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 pub async fn proxy_to_service(
     gateway: &Gateway,
     service: &str,
-    route: &Route,
+    compiled: &super::router::CompiledRoute,
     rest: &str,
     mut request: Request<Body>,
 ) -> Response<Body> {
+    let route = &compiled.route;
     let websocket = route.websocket;
     let body_limit = route.body_limit();
     let timeout = route.timeout();
@@ -389,7 +390,7 @@ pub async fn proxy_to_service(
         response,
         pooled,
         &method,
-        &route.label(),
+        &compiled.label,
         route.response_limit(),
         &gateway.stats,
     )

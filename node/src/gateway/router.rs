@@ -21,6 +21,8 @@ enum Segment {
 pub struct CompiledRoute {
     /// The route.
     pub route: Route,
+    /// Its label in stats, metrics and the access log ([`Route::label`]), made once.
+    pub label: std::sync::Arc<str>,
     segments: Vec<Segment>,
     /// The JWT verifier, for routes with JWT auth whose keys parse.
     pub jwt: Option<jwt::Verifier>,
@@ -46,6 +48,7 @@ impl CompiledRoute {
             .then(|| jwt::Verifier::new(&route.jwt).ok())
             .flatten();
         Self {
+            label: route.label().into(),
             route,
             segments,
             jwt,
