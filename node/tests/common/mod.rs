@@ -108,17 +108,6 @@ impl TestNode {
         }
     }
 
-    /// Sends `signal` (e.g. `STOP`, `CONT`) to the running meshd.
-    pub fn signal(&self, signal: &str) {
-        let c = self.child.as_ref().expect("meshd running");
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &c.id().to_string()])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill -{signal} {}", self.name);
-    }
-
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns whether it exited 0.
     pub fn terminate(&mut self, within: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
