@@ -19,14 +19,24 @@ fn meshd_path() -> PathBuf {
     p
 }
 
+/// A port free for TCP and UDP, never handed out twice in this test process, below Linux's
+/// ephemeral range and meshd's replica ports (see `node/tests/common`: asking for port 0 can
+/// hand a parallel test the same port).
 fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(10_000..20_000u16);
+        if !taken.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            taken.insert(port);
             return port;
         }
     }
+    panic!("no free port in 10000-19999");
 }
 
 struct Daemon(Child);

@@ -11,16 +11,29 @@ use meshwork_client::{MeshClient, NodeView};
 
 pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 
-/// A port free for TCP and UDP at once (libp2p listens on both).
+/// A port free for TCP and UDP at once (libp2p listens on both), never handed out twice in
+/// this test process. Picked below Linux's ephemeral range (32768-60999), so that no outgoing
+/// connection takes it before meshd binds it, and below the replica ports meshd allocates
+/// (20000-29999): asking the kernel for port 0 can give a port back that another node of a
+/// test running in parallel was just given (a CI run saw one node's HTTP port chosen as
+/// another's gRPC port).
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(10_000..20_000u16);
+        if taken.contains(&port) {
+            continue;
+        }
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            taken.insert(port);
             return port;
         }
     }
-    panic!("no free port");
+    panic!("no free port in 10000-19999");
 }
 
 pub fn write_secret(dir: &Path, name: &str) -> PathBuf {
