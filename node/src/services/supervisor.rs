@@ -93,6 +93,10 @@ struct Shared {
     registry: Arc<Registry>,
     runtime: ContainerRuntime,
     ports: Mutex<BTreeSet<u16>>,
+    /// Images imported (and verified) into containerd through this connection: reference ->
+    /// (manifest sha256, containerd name, chain id). Saves re-checking every blob for each new
+    /// replica; an entry is dropped when a create from it fails.
+    imported: Mutex<HashMap<String, (String, String, String)>>,
 }
 
 /// Runs this node's share of every service.
@@ -161,6 +165,7 @@ impl Supervisor {
                                         registry: self.registry.clone(),
                                         runtime,
                                         ports: Mutex::new(BTreeSet::new()),
+                                        imported: Mutex::new(HashMap::new()),
                                     }));
                                     self.set_ready(true);
                                 }
@@ -697,12 +702,37 @@ async fn start_new(
     reporter: &mut Reporter,
 ) -> Result<Live, String> {
     let rt = &shared.runtime;
-    reporter.report(want, None, "pulling", want.template.image.clone());
-    let (image_name, report) = shared
+    let reference = &want.template.image;
+    let manifest = shared
         .registry
-        .import_to_containerd(&want.template.image, rt.containerd())
-        .await
-        .map_err(|e| e.to_string())?;
+        .image(reference)
+        .map_err(|e| e.to_string())?
+        .manifest
+        .sha256;
+    let cached = shared
+        .imported
+        .lock()
+        .expect("imported lock")
+        .get(reference)
+        .filter(|(digest, _, _)| *digest == manifest)
+        .map(|(_, name, chain)| (name.clone(), chain.clone()));
+    let from_cache = cached.is_some();
+    let (image_name, chain_id) = match cached {
+        Some(hit) => hit,
+        None => {
+            reporter.report(want, None, "pulling", reference.clone());
+            let (name, report) = shared
+                .registry
+                .import_to_containerd(reference, rt.containerd())
+                .await
+                .map_err(|e| e.to_string())?;
+            shared.imported.lock().expect("imported lock").insert(
+                reference.clone(),
+                (manifest, name.clone(), report.chain_id.clone()),
+            );
+            (name, report.chain_id)
+        }
+    };
     let config = super::image_config(&shared.registry, &want.template.image)?;
     let port = allocate_port(&shared.ports).ok_or("no free port in 20000-29999")?;
     let id = format!("{service}-{index}-{:08x}", rand::random::<u32>());
@@ -718,15 +748,27 @@ async fn start_new(
             LABEL_GENERATION.to_string(),
             want.spec.generation.to_string(),
         );
-        rt.create(&NewContainer {
-            id: id.clone(),
-            image: image_name,
-            chain_id: report.chain_id.clone(),
-            spec,
-            labels,
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let created = rt
+            .create(&NewContainer {
+                id: id.clone(),
+                image: image_name,
+                chain_id,
+                spec,
+                labels,
+            })
+            .await;
+        if let Err(e) = created {
+            if from_cache {
+                // The image or its snapshot may have been removed from containerd behind
+                // our back: import it again on the next try.
+                shared
+                    .imported
+                    .lock()
+                    .expect("imported lock")
+                    .remove(reference);
+            }
+            return Err(e.to_string());
+        }
         let pid = match rt.start(&id).await {
             Ok(pid) => pid,
             Err(e) => {
