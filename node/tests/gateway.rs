@@ -120,6 +120,16 @@ vQIDAQAB
 -----END PUBLIC KEY-----
 ";
 
+/// The value of header `name` (any case) in a response head (status line first).
+fn head_header(head: &str, name: &str) -> Option<String> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
 /// An HTTP answer read off a raw connection.
 #[derive(Debug)]
 struct Reply {
@@ -132,12 +142,7 @@ struct Reply {
 
 impl Reply {
     fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        head_header(&self.head, name)
     }
 }
 
@@ -986,12 +991,7 @@ struct RawReply {
 
 impl RawReply {
     fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
+        head_header(&self.head, name)
     }
 
     fn chunked(&self) -> bool {
