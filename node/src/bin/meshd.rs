@@ -5,6 +5,11 @@ use clap::Parser;
 use meshwork_node::config::MeshdArgs;
 use meshwork_node::telemetry;
 
+/// mimalloc instead of glibc's malloc: the gateway's per-request allocations (hyper, headers,
+/// routing) spend about a quarter less CPU in the allocator (bench/gateway).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = MeshdArgs::parse();
