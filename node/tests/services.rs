@@ -513,6 +513,131 @@ async fn bad_services_are_refused_and_crash_loops_back_off() {
     assert!(svc.generation > good.generation);
 }
 
+/// Image names in a containerd namespace.
+fn containerd_images(ns: &str) -> Vec<String> {
+    let out = Command::new("ctr")
+        .args(["--namespace", ns, "images", "ls", "-q"])
+        .output()
+        .expect("ctr runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The supervisor remembers which images it imported into containerd; when one is removed
+/// behind its back (and containerd collects its layers), the next replica's create fails, the
+/// memory is dropped, and the retry imports the image again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_starts_after_its_image_was_removed_from_containerd() {
+    let Some((f, images)) = start(1, "reimport").await else {
+        return;
+    };
+    let ns = f.namespaces[0].clone();
+    let v1 = web_image(&images, "v1", "v1\n").unwrap();
+    let mut c = f.client(0).await;
+    push_image(&mut c, &v1, "web:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    c.create_service(create_request("web", "web:1", 1))
+        .await
+        .unwrap();
+    f.wait(120, "one healthy replica", async || {
+        running_healthy(&ps(&mut c, "web").await) == 1
+    })
+    .await;
+    let old_container = ps(&mut c, "web").await[0].container_id.clone();
+    assert!(!old_container.is_empty());
+    let imported = containerd_images(&ns);
+    assert!(
+        imported.iter().any(|i| i.ends_with("/web:1")),
+        "{imported:?}"
+    );
+
+    // No container left, then the image removed with a synchronous garbage collection: its
+    // content and layer snapshots are gone from containerd.
+    c.scale_service("web", 0).await.unwrap();
+    f.wait(60, "no replica left", async || {
+        running_tasks(&ns).is_empty() && ps(&mut c, "web").await.is_empty()
+    })
+    .await;
+    // The stopped replica's status goes with it, so that a later claim of the same replica
+    // and epoch (the scale-up below) does not show the old container's state as its own.
+    f.wait(30, "the stopped replica's status is deleted", async || {
+        c.get("svcstat/web/0").await.is_err()
+    })
+    .await;
+    f.wait(30, "the container record is removed", async || {
+        let out = Command::new("ctr")
+            .args(["--namespace", &ns, "containers", "ls", "-q"])
+            .output()
+            .expect("ctr runs");
+        out.stdout.is_empty()
+    })
+    .await;
+    for image in &imported {
+        let out = Command::new("ctr")
+            .args(["--namespace", &ns, "images", "rm", "--sync", image])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(containerd_images(&ns).is_empty());
+    // The layer snapshots too (containerd may keep them a while after the image is gone,
+    // and a create on a kept one would succeed without any re-import).
+    let out = Command::new("ctr")
+        .args(["--namespace", &ns, "snapshots", "ls"])
+        .output()
+        .expect("ctr runs");
+    let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for key in keys.iter().rev() {
+        let o = Command::new("ctr")
+            .args(["--namespace", &ns, "snapshots", "rm", key])
+            .output();
+        assert!(
+            o.is_ok_and(|o| o.status.success()),
+            "ctr snapshots rm {key}"
+        );
+    }
+    f.wait(30, "no snapshot left", async || {
+        let out = Command::new("ctr")
+            .args(["--namespace", &ns, "snapshots", "ls"])
+            .output()
+            .expect("ctr runs");
+        String::from_utf8_lossy(&out.stdout).lines().count() <= 1
+    })
+    .await;
+
+    c.scale_service("web", 1).await.unwrap();
+    f.wait(120, "the replica runs again", async || {
+        let p = ps(&mut c, "web").await;
+        // The stopped replica's status went with it: the new claim (same replica, same
+        // epoch) never shows the old container's state as its own.
+        assert!(
+            p.iter().all(|r| r.container_id != old_container),
+            "stale status shown: {}",
+            show(&p)
+        );
+        running_healthy(&p) == 1
+    })
+    .await;
+    let p = ps(&mut c, "web").await;
+    assert_eq!(running_tasks(&ns), vec![p[0].container_id.clone()]);
+    let again = containerd_images(&ns);
+    assert!(
+        again.iter().any(|i| i.ends_with("/web:1")),
+        "the image was imported again: {again:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_containerd_runs_no_services_but_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

@@ -432,6 +432,30 @@ impl Reporter {
         }
         self.last = Some(status);
     }
+
+    /// Deletes the replica's status once it no longer runs here (`container` was removed, or
+    /// none ran), so that a later claim of the same replica and epoch (scale down, then up)
+    /// does not show this one's last state as its own. A status another node has written
+    /// since is theirs and stays.
+    fn forget(&mut self, container: &str) {
+        let node = &self.shared.node;
+        let key = status_key(&self.service, self.index);
+        let ours = {
+            let replica = node.replica.lock().expect("replica lock");
+            replica
+                .map()
+                .get(&key)
+                .and_then(|e| serde_json::from_slice::<ReplicaStatus>(e.value.as_deref()?).ok())
+                .is_some_and(|s| {
+                    s.node == node.peer_id.to_string()
+                        && (s.container_id.is_empty() || s.container_id == container)
+                })
+        };
+        if ours && let Err(e) = node.write(&key, None) {
+            tracing::warn!(error = %e, "cannot delete a replica status");
+        }
+        self.last = None;
+    }
 }
 
 /// One replica's life on this node.
@@ -458,6 +482,7 @@ async fn run_replica(
     loop {
         let want = want_rx.borrow_and_update().clone();
         let Some(want) = want else {
+            let mut removed = String::new();
             if let Some(l) = live.take() {
                 let now = urgent.load(std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(service = %service, replica = index, container = %l.id,
@@ -477,8 +502,10 @@ async fn run_replica(
                     continue;
                 }
                 shared.ports.lock().expect("ports lock").remove(&l.port);
+                removed = l.id;
             }
             if want_rx.borrow().is_none() {
+                reporter.forget(&removed);
                 return;
             }
             continue;
