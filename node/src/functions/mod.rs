@@ -16,6 +16,7 @@
 //! - Every call is metered: invocations, errors, cold starts, a duration histogram and
 //!   GB-seconds, on `/metrics` and through `meshctl fn stats` (summed over all nodes).
 
+pub mod call_threads;
 pub mod runtime;
 pub mod triggers;
 

@@ -101,6 +101,8 @@ use wasmer_wasix::wasmer_wasix_types::types::Signal;
 use wasmer_wasix::wasmer_wasix_types::wasi::Errno;
 use wasmer_wasix::{WasiEnv, WasiError};
 
+use super::call_threads::CallThreads;
+
 /// Most bytes of standard output (the CGI response) a call may write; more
 /// fails the call with [`InvokeError::OutputTooLarge`].
 pub const MAX_STDOUT_BYTES: usize = 32 * 1024 * 1024;
@@ -480,6 +482,8 @@ pub struct FunctionRuntime {
     temp_counter: AtomicU64,
     /// Call threads still running after their caller got a timeout.
     runaway: Arc<AtomicUsize>,
+    /// The threads calls run on, reused from call to call.
+    threads: CallThreads,
 }
 
 impl fmt::Debug for FunctionRuntime {
@@ -539,6 +543,7 @@ impl FunctionRuntime {
             tasks: Some(tasks),
             temp_counter: AtomicU64::new(0),
             runaway: Arc::new(AtomicUsize::new(0)),
+            threads: CallThreads::default(),
         })
     }
 
@@ -634,9 +639,10 @@ impl FunctionRuntime {
     /// Runs the module's `_start` for one request under `limits` and parses
     /// its output as a CGI response (see the module docs for the interface).
     ///
-    /// Blocking: the call runs on its own thread, and this waits at most
-    /// `limits.timeout` for it. After a timeout the thread is abandoned; its
-    /// CPU budget ends it shortly after.
+    /// Blocking: the call runs on a call thread of its own (reused from call
+    /// to call, see [`super::call_threads`]), and this waits at most
+    /// `limits.timeout` for it. After a timeout the thread is left to its
+    /// call; its CPU budget ends it shortly after.
     pub fn invoke(
         &self,
         module: &LoadedModule,
@@ -690,9 +696,8 @@ impl FunctionRuntime {
 
         let runaway = self.runaway.clone();
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name(format!("meshwork-fn-{}", &hex::encode(module.hash)[..12]))
-            .spawn(move || {
+        self.threads
+            .run(move || {
                 // The receiver is gone after a timeout: this was a runaway.
                 if done_tx.send(call.run()).is_err() {
                     runaway.fetch_sub(1, Ordering::SeqCst);
