@@ -32,8 +32,8 @@
 #      2 s warm-up each) through meshd's gateway http://127.0.0.1:H/web/index.html, through
 #      nginx (1 worker process, `proxy_pass` to an upstream with `keepalive 32`, HTTP/1.1),
 #      once before and once after the gateway, through the same nginx with the client
-#      connection closed after every response (`keepalive_timeout 0`: what the gateway does now,
-#      see README), and directly to the replica's port. busybox httpd answers every request with
+#      connection closed after every response (`keepalive_timeout 0`: what the gateway did before it
+#      dropped hop-by-hop headers, see README), and directly to the replica's port. busybox httpd answers every request with
 #      `Connection: close`, so every path opens one connection to the replica per request.
 #      Prints req/s, p50/p90/p99, the ratio gateway/nginx (goal >= 0.9), the p99 each proxy
 #      adds to the direct p99, the CPU per request of the proxy (its processes) and of the
@@ -572,7 +572,7 @@ if want b; then
     echo "(b) proxy throughput, wrk -t1 -c$WRK_CONNECTIONS -d$WRK_DURATION --latency to one replica of web:1 (busybox httpd: Connection: close on every response, one fork per connection)"
     print_wrk b-nginx-before b-gateway b-nginx-after b-nginx-client-close b-direct
     echo "    ratio req/s gateway / nginx: $(ratio "$(wrk_field b-gateway 2)" "$(wrk_field b-nginx-before 2)") (nginx before) / $(ratio "$(wrk_field b-gateway 2)" "$(wrk_field b-nginx-after 2)") (nginx after)   (goal >= 0.9)"
-    echo "    ratio req/s gateway / nginx closing the client connection per request (what the gateway does now): $(ratio "$(wrk_field b-gateway 2)" "$(wrk_field b-nginx-client-close 2)")"
+    echo "    ratio req/s gateway / nginx closing the client connection per request (what the gateway did before it dropped hop-by-hop headers): $(ratio "$(wrk_field b-gateway 2)" "$(wrk_field b-nginx-client-close 2)")"
     echo "    p99 added to the direct p99 ($(wrk_field b-direct 5) ms): gateway $(added "$(wrk_field b-gateway 5)" "$(wrk_field b-direct 5)"), nginx $(added "$(wrk_field b-nginx-before 5)" "$(wrk_field b-direct 5)") / $(added "$(wrk_field b-nginx-after 5)" "$(wrk_field b-direct 5)"), nginx closing client connections $(added "$(wrk_field b-nginx-client-close 5)" "$(wrk_field b-direct 5)")"
     echo "    client connection: gateway $B_REUSE_GW; nginx $B_REUSE_NGX"
     echo "    (busybox httpd listens with a backlog of 9: with 16 connections some handshakes overflow it (ListenDrops) and stall ~0.2-1 s;"
