@@ -11,8 +11,9 @@ use futures::future::BoxFuture;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-/// Largest request or response body.
-pub const MAX_RPC_BYTES: u64 = 8 << 20;
+/// Largest request or response body. A forwarded function answer must fit: up to 32 MiB of
+/// output plus its stderr and headers (checked at compile time in `functions`).
+pub const MAX_RPC_BYTES: u64 = 34 << 20;
 
 /// A call to another node.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -44,6 +44,23 @@ async fn deploy(
     .await
 }
 
+/// Body bytes of [`BIG_ANSWER_WAT`]'s answer: 9 MiB of zeros.
+const BIG_ANSWER_BYTES: usize = 9 << 20;
+
+/// A function that answers with a 9 MiB body (more than fitted a node-to-node message once).
+const BIG_ANSWER_WAT: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 160)
+  (data (i32.const 64) "Content-Type: application/octet-stream\n\n")
+  (func (export "_start")
+    ;; one iovec at 0: the 40-byte header section at 64, then 9 MiB of zeros
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 9437224))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"#;
+
 fn invoke_req(name: &str, query: &str) -> InvokeRequest {
     InvokeRequest {
         name: name.into(),
@@ -117,6 +134,39 @@ async fn hello_answers_through_http_and_grpc_on_every_node() {
     assert_eq!(stats.errors, 0);
     assert!(stats.cold_starts >= 1);
     assert!(stats.gb_seconds > 0.0);
+
+    // An answer far over 8 MiB comes back whole through every node: forwarded from the nodes
+    // that are not warm for it, and run exactly once per call (never again locally because
+    // the forwarded answer did not fit a node-to-node message).
+    let big = wat::parse_str(BIG_ANSWER_WAT).unwrap();
+    deploy(&mut a, "big", &big, 64 << 20, 5000, 4)
+        .await
+        .unwrap();
+    for node in &c.nodes {
+        wait_known(node, 2).await;
+        // Every node knows where it runs warm, so two of the three calls are forwarded.
+        wait_until(CONVERGE, "the warm claim of big is known", || async {
+            let mut cl = node.client().await;
+            cl.functions()
+                .await
+                .is_ok_and(|fs| fs.iter().any(|f| f.name == "big" && f.nodes.len() == 1))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    }
+    for node in &c.nodes {
+        let (status, body) = http_call(node.http, "GET", "/fn/big", b"").await;
+        assert_eq!(
+            status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+        assert_eq!(body.len(), BIG_ANSWER_BYTES);
+    }
+    let stats = a.function_stats("big").await.unwrap();
+    assert_eq!(stats.invocations, 3, "each call ran once");
+    assert_eq!(stats.errors, 0);
     assert!(stats.p99_seconds > 0.0);
 }
 

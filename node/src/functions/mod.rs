@@ -41,6 +41,14 @@ use runtime::{
 const FN_PREFIX: &str = "fn/";
 /// Largest request body a function accepts (413 beyond).
 pub const MAX_BODY_BYTES: usize = 6 << 20;
+
+// A forwarded call's answer (the whole output, stderr and headers) fits in one node-to-node
+// message, so a large answer never looks like an unreachable node (which would run the call a
+// second time here).
+const _: () = assert!(
+    runtime::MAX_STDOUT_BYTES + runtime::MAX_STDERR_BYTES + (1 << 20)
+        <= crate::rpc::MAX_RPC_BYTES as usize
+);
 /// Log lines kept per function on each node.
 const LOG_LINES: usize = 1000;
 /// Duration histogram bucket bounds, seconds (for mergeable p50/p99 across nodes).
