@@ -172,7 +172,7 @@ pub enum RouteCmd {
         #[arg(long, value_name = "AUD")]
         jwt_audience: Option<String>,
     },
-    /// List routes: PATH, HOST, TARGET, METHODS, AUTH, LIMITS.
+    /// List routes: PATH, HOST, TARGET, METHODS, AUTH, OPTIONS (limits, timeout, CORS, WebSocket).
     Ls {
         #[arg(long)]
         json: bool,
