@@ -223,7 +223,64 @@ pub struct Registry {
     store: Arc<BlobStore>,
     control: libp2p_stream::Control,
     /// One pull per blob at a time on this node: concurrent callers wait for it.
-    pulls: std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
+    pulls: PullGates,
+}
+
+/// One pull per blob at a time: callers asking for the same blob take turns (the later ones
+/// then find it in the store). A blob's gate is dropped with its last turn, so the map holds
+/// only blobs being pulled now (a waiter that gives up can leave its gate until the blob's
+/// next pull).
+#[derive(Default)]
+struct PullGates {
+    gates: std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A caller's turn to pull one blob; the next caller's turn starts when it is dropped.
+struct PullTurn<'a> {
+    gates: &'a PullGates,
+    hash: Hash,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl PullGates {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>
+    {
+        self.gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for this caller's turn to pull `hash`.
+    async fn enter(&self, hash: Hash) -> PullTurn<'_> {
+        let gate = self.lock().entry(hash).or_default().clone();
+        let held = gate.clone().lock_owned().await;
+        PullTurn {
+            gates: self,
+            hash,
+            gate,
+            held: Some(held),
+        }
+    }
+
+    /// Blobs with a gate (being pulled, or waited for).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Drop for PullTurn<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut gates = self.gates.lock();
+        // Only the map's reference and ours are left: nobody waits for this blob.
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.hash);
+        }
+    }
 }
 
 impl Registry {
@@ -414,14 +471,7 @@ impl Registry {
         progress: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<BlobInfo, RegistryError> {
         let meta = self.wait_blob_meta(hash).await?;
-        let gate = self
-            .pulls
-            .lock()
-            .expect("pulls lock")
-            .entry(*hash)
-            .or_default()
-            .clone();
-        let _pulling = gate.lock().await;
+        let _turn = self.pulls.enter(*hash).await;
         if !self.store.has(hash) {
             let expected = Expected {
                 hash: *hash,
@@ -776,6 +826,32 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pulls_of_one_blob_take_turns_and_leave_no_gate_behind() {
+        let gates = Arc::new(PullGates::default());
+        let blob = Hash([7u8; 32]);
+        let first = gates.enter(blob).await;
+        // A second caller for the same blob waits; one for another blob does not.
+        let waiter = {
+            let gates = gates.clone();
+            tokio::spawn(async move {
+                let _turn = gates.enter(blob).await;
+            })
+        };
+        let other = gates.enter(Hash([8u8; 32])).await;
+        assert_eq!(gates.len(), 2);
+        drop(other);
+        assert_eq!(gates.len(), 1, "the other blob's gate went with its turn");
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "the second caller waits for the first"
+        );
+        drop(first);
+        waiter.await.unwrap();
+        assert_eq!(gates.len(), 0, "no gate is left once every turn is over");
+    }
 
     #[test]
     fn references_follow_docker_rules() {
