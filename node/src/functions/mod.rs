@@ -665,9 +665,7 @@ impl Functions {
         }
         let runtime = self.runtime()?;
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || runtime.invoke(&module, request, &limits))
-            .await
-            .expect("invoke task");
+        let result = runtime.invoke_async(&module, request, &limits).await;
         let elapsed = started.elapsed();
         metrics::gauge!("mesh_fn_runaway_calls").set(self.runtime()?.runaway_calls() as f64);
         let gb_s = spec.memory_bytes as f64 / 1e9 * elapsed.as_secs_f64();

@@ -661,6 +661,81 @@ impl FunctionRuntime {
         limits: &Limits,
         cancel: &AtomicBool,
     ) -> Result<CgiResponse, InvokeError> {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        let call = self.start(module, req, limits, move |outcome| {
+            done_tx.send(outcome).is_ok()
+        })?;
+        let deadline = call.started + limits.timeout;
+        let outcome = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done_rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(outcome) => break outcome,
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if Instant::now() < deadline && !cancel.load(Ordering::SeqCst) =>
+                {
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Counted before `done_rx` is dropped (at return), so the
+                    // thread's decrement always comes after this increment.
+                    self.abandon(&call, true);
+                    break Err(Failure::Exhausted);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(panicked()),
+            }
+        };
+        self.finish(call, outcome, limits)
+    }
+
+    /// [`FunctionRuntime::invoke`] for async callers: waits for the call thread without
+    /// holding a thread of its own. If the returned future is dropped before the call ends
+    /// (its client went away), the call runs on to its end and counts as a runaway until
+    /// then; at the deadline it is killed.
+    pub async fn invoke_async(
+        &self,
+        module: &LoadedModule,
+        req: CgiRequest,
+        limits: &Limits,
+    ) -> Result<CgiResponse, InvokeError> {
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        let call = self.start(module, req, limits, move |outcome| {
+            done_tx.send(outcome).is_ok()
+        })?;
+        // Whatever ends the wait before the answer (a deadline, a dropped future) makes the
+        // call a runaway, counted before `done_rx` goes (locals drop in reverse order).
+        let mut waiting = Abandoned {
+            runtime: self,
+            call: Some(&call),
+        };
+        let left = (call.started + limits.timeout).saturating_duration_since(Instant::now());
+        let outcome = match tokio::time::timeout(left, &mut done_rx).await {
+            Ok(Ok(outcome)) => {
+                waiting.call = None;
+                outcome
+            }
+            Ok(Err(_)) => {
+                waiting.call = None;
+                return Err(panicked());
+            }
+            Err(_) => {
+                waiting.call = None;
+                self.abandon(&call, true);
+                Err(Failure::Exhausted)
+            }
+        };
+        drop(waiting);
+        self.finish(call, outcome, limits)
+    }
+
+    /// Starts a call on a call thread; `deliver` hands its outcome to the waiting caller and
+    /// says whether the caller was still there.
+    fn start(
+        &self,
+        module: &LoadedModule,
+        req: CgiRequest,
+        limits: &Limits,
+        deliver: impl FnOnce(Result<u64, Failure>) -> bool + Send + 'static,
+    ) -> Result<StartedCall, InvokeError> {
         let started = Instant::now();
         let raw_output = req.raw_output;
         let scratch = req.scratch.clone();
@@ -693,70 +768,69 @@ impl FunctionRuntime {
             scratch,
             tasks: self.tasks_handle(),
         };
-
         let runaway = self.runaway.clone();
-        let (done_tx, done_rx) = mpsc::sync_channel(1);
         self.threads
             .run(move || {
-                // The receiver is gone after a timeout: this was a runaway.
-                if done_tx.send(call.run()).is_err() {
+                // The caller is gone after a timeout: this was a runaway.
+                if !deliver(call.run()) {
                     runaway.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
+        Ok(StartedCall {
+            started,
+            raw_output,
+            stdout,
+            stderr,
+            memory_hit,
+            kill,
+        })
+    }
 
-        let deadline = started + limits.timeout;
-        let outcome = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match done_rx.recv_timeout(left.min(Duration::from_millis(100))) {
-                Ok(outcome) => break outcome,
-                Err(mpsc::RecvTimeoutError::Timeout)
-                    if Instant::now() < deadline && !cancel.load(Ordering::SeqCst) =>
-                {
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Counted before `done_rx` is dropped (at return), so the
-                    // thread's decrement always comes after this increment.
-                    self.runaway.fetch_add(1, Ordering::SeqCst);
-                    kill.kill();
-                    break Err(Failure::Exhausted);
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(InvokeError::Internal(
-                        "the call thread ended without a result (it panicked)".to_owned(),
-                    ));
-                }
-            }
-        };
-        let stderr_bytes = stderr.contents();
+    /// The caller stops waiting for `call`: it becomes a runaway until its thread ends, and
+    /// is killed if `kill` (its deadline passed).
+    fn abandon(&self, call: &StartedCall, kill: bool) {
+        self.runaway.fetch_add(1, Ordering::SeqCst);
+        if kill {
+            call.kill.kill();
+        }
+    }
+
+    /// Turns a call's outcome and output into the answer.
+    fn finish(
+        &self,
+        call: StartedCall,
+        outcome: Result<u64, Failure>,
+        limits: &Limits,
+    ) -> Result<CgiResponse, InvokeError> {
+        let stderr_bytes = call.stderr.contents();
         let fuel_used = match outcome {
             Ok(fuel_used) => fuel_used,
             Err(failure) => {
                 return Err(failure.into_error(
                     limits,
-                    memory_hit.load(Ordering::SeqCst),
-                    stdout.overflowed(),
+                    call.memory_hit.load(Ordering::SeqCst),
+                    call.stdout.overflowed(),
                     stderr_bytes,
                 ));
             }
         };
-        if stdout.overflowed() {
+        if call.stdout.overflowed() {
             return Err(InvokeError::OutputTooLarge {
                 limit: MAX_STDOUT_BYTES,
             });
         }
-        let (status, headers, body) = if raw_output {
-            (200, Vec::new(), stdout.contents())
+        let (status, headers, body) = if call.raw_output {
+            (200, Vec::new(), call.stdout.contents())
         } else {
-            parse_cgi_output(stdout.contents())?
+            parse_cgi_output(call.stdout.contents())?
         };
         Ok(CgiResponse {
             status,
             headers,
             body,
             stderr: stderr_bytes,
-            duration: started.elapsed(),
+            duration: call.started.elapsed(),
             fuel_used,
         })
     }
@@ -1270,6 +1344,34 @@ impl Failure {
             Self::Trap(message) => InvokeError::Trap { message, stderr },
         }
     }
+}
+
+/// What the caller keeps of a call it started (see [`FunctionRuntime::invoke`]).
+struct StartedCall {
+    started: Instant,
+    raw_output: bool,
+    stdout: Capture,
+    stderr: Capture,
+    memory_hit: Arc<AtomicBool>,
+    kill: Arc<KillSwitch>,
+}
+
+/// Marks a call abandoned (a runaway) if its async caller is dropped while waiting.
+struct Abandoned<'a> {
+    runtime: &'a FunctionRuntime,
+    call: Option<&'a StartedCall>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(call) = self.call {
+            self.runtime.abandon(call, false);
+        }
+    }
+}
+
+fn panicked() -> InvokeError {
+    InvokeError::Internal("the call thread ended without a result (it panicked)".to_owned())
 }
 
 /// Everything one call needs on its thread.
@@ -1970,6 +2072,57 @@ mod tests {
         let (hello, _) = load(&runtime, &example("hello")).unwrap();
         let resp = runtime.invoke(&hello, get("name=bo"), &limits).unwrap();
         assert!(text(&resp.body).starts_with("hello, bo\n"));
+    }
+
+    /// Waits (at most 60 s) until no call runs past its caller any more.
+    async fn until_no_runaways(runtime: &FunctionRuntime) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while runtime.runaway_calls() != 0 {
+            assert!(Instant::now() < deadline, "runaway calls never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_calls_answer_time_out_and_count_abandoned_calls_as_runaways() {
+        let (_dir, runtime) = runtime();
+        let (hello, _) = load(&runtime, &example("hello")).unwrap();
+        let resp = runtime
+            .invoke_async(&hello, get("name=al"), &limits())
+            .await
+            .unwrap();
+        assert!(text(&resp.body).starts_with("hello, al\n"));
+
+        // At the deadline: a timeout; the call ends by its budget and stops counting.
+        let (spin, _) = load(&runtime, &example("spin")).unwrap();
+        let short = Limits::new(64 * 1024 * 1024, Duration::from_millis(300));
+        let err = runtime
+            .invoke_async(&spin, get(""), &short)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, InvokeError::Timeout { .. }), "{err:?}");
+        until_no_runaways(&runtime).await;
+
+        // A caller that goes away mid-call (its client disconnected): the call runs on as a
+        // runaway until its own end, and the next call is not held up by it.
+        let long = Limits::new(64 * 1024 * 1024, Duration::from_secs(1));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let gone = async {
+            let call = runtime.invoke_async(&spin, get(""), &long);
+            let _ = started_tx.send(());
+            call.await
+        };
+        tokio::select! {
+            _ = gone => panic!("the spinning call answered"),
+            _ = started_rx => {}
+        }
+        assert_eq!(runtime.runaway_calls(), 1);
+        let resp = runtime
+            .invoke_async(&hello, get("name=bo"), &limits())
+            .await
+            .unwrap();
+        assert!(text(&resp.body).starts_with("hello, bo\n"));
+        until_no_runaways(&runtime).await;
     }
 
     #[test]
