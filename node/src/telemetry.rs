@@ -24,6 +24,16 @@ pub fn install_metrics() -> PrometheusHandle {
             ],
         )
         .expect("bucket list is not empty")
+        // Loading a function's module: deserializing its artifact (about a millisecond) or
+        // compiling it (tens of milliseconds and up).
+        .set_buckets_for_metric(
+            Matcher::Full("mesh_fn_load_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        )
+        .expect("bucket list is not empty")
         .build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
@@ -69,6 +79,12 @@ fn describe_metrics() {
     describe_counter!(
         "mesh_sync_entries_applied_total",
         "Entries learned through anti-entropy"
+    );
+    describe_histogram!(
+        "mesh_fn_load_seconds",
+        Unit::Seconds,
+        "Time to make a function's module runnable on this node, by where it came from \
+         (memory, disk: the compiled artifact, compiled)"
     );
     describe_histogram!(
         "mesh_state_propagation_seconds",

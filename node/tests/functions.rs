@@ -261,6 +261,13 @@ async fn a_restarted_node_loads_the_compiled_artifact_instead_of_recompiling() {
             .unwrap_or(0.0)
     };
     assert!(value("disk") >= 1.0, "{metrics}");
+    // The load itself is timed, by where the module came from.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_fn_load_seconds_count{result=\"disk\"}")),
+        "{metrics}"
+    );
     assert_eq!(
         value("compiled"),
         0.0,

@@ -494,6 +494,7 @@ impl Functions {
         let store = self.registry.store().clone();
         let runtime = self.runtime()?;
         let hash = *module;
+        let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut bytes = Vec::new();
             use std::io::Read;
@@ -510,12 +511,17 @@ impl Functions {
             module: *module,
             source,
         })?;
-        metrics::counter!("mesh_fn_artifact_cache_total", "result" => match outcome {
+        let result = match outcome {
             CacheOutcome::MemoryHit => "memory",
             CacheOutcome::DiskHit => "disk",
             CacheOutcome::Compiled => "compiled",
-        })
-        .increment(1);
+        };
+        metrics::counter!("mesh_fn_artifact_cache_total", "result" => result).increment(1);
+        let elapsed = started.elapsed();
+        metrics::histogram!("mesh_fn_load_seconds", "result" => result)
+            .record(elapsed.as_secs_f64());
+        tracing::debug!(module = %module, result, elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "function module loaded");
         self.loaded
             .lock()
             .expect("loaded lock")
