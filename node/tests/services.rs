@@ -513,15 +513,35 @@ async fn bad_services_are_refused_and_crash_loops_back_off() {
     assert!(svc.generation > good.generation);
 }
 
-/// Image names in a containerd namespace.
-fn containerd_images(ns: &str) -> Vec<String> {
+/// Runs `ctr --namespace ns args…`, which must succeed; its standard output.
+fn ctr(ns: &str, args: &[&str]) -> String {
     let out = Command::new("ctr")
-        .args(["--namespace", ns, "images", "ls", "-q"])
+        .args(["--namespace", ns])
+        .args(args)
         .output()
         .expect("ctr runs");
-    String::from_utf8_lossy(&out.stdout)
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Image names in a containerd namespace.
+fn containerd_images(ns: &str) -> Vec<String> {
+    ctr(ns, &["images", "ls", "-q"])
         .lines()
         .map(str::to_string)
+        .collect()
+}
+
+/// Snapshot keys in a containerd namespace (default snapshotter), in `ctr snapshots ls` order.
+fn snapshot_keys(ns: &str) -> Vec<String> {
+    ctr(ns, &["snapshots", "ls"])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect()
 }
 
@@ -568,59 +588,26 @@ async fn a_replica_starts_after_its_image_was_removed_from_containerd() {
     })
     .await;
     f.wait(30, "the container record is removed", async || {
-        let out = Command::new("ctr")
-            .args(["--namespace", &ns, "containers", "ls", "-q"])
-            .output()
-            .expect("ctr runs");
-        out.stdout.is_empty()
+        ctr(&ns, &["containers", "ls", "-q"]).is_empty()
     })
     .await;
     for image in &imported {
-        let out = Command::new("ctr")
-            .args(["--namespace", &ns, "images", "rm", "--sync", image])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ctr(&ns, &["images", "rm", "--sync", image]);
     }
     assert!(containerd_images(&ns).is_empty());
     // The layer snapshots too (containerd may keep them a while after the image is gone,
     // and a create on a kept one would succeed without any re-import).
-    let out = Command::new("ctr")
-        .args(["--namespace", &ns, "snapshots", "ls"])
-        .output()
-        .expect("ctr runs");
-    let keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect();
-    for key in keys.iter().rev() {
-        let o = Command::new("ctr")
-            .args(["--namespace", &ns, "snapshots", "rm", key])
-            .output();
-        assert!(
-            o.is_ok_and(|o| o.status.success()),
-            "ctr snapshots rm {key}"
-        );
+    for key in snapshot_keys(&ns).iter().rev() {
+        ctr(&ns, &["snapshots", "rm", key]);
     }
     f.wait(30, "no snapshot left", async || {
-        let out = Command::new("ctr")
-            .args(["--namespace", &ns, "snapshots", "ls"])
-            .output()
-            .expect("ctr runs");
-        String::from_utf8_lossy(&out.stdout).lines().count() <= 1
+        snapshot_keys(&ns).is_empty()
     })
     .await;
 
     c.scale_service("web", 1).await.unwrap();
     f.wait(120, "the replica runs again", async || {
         let p = ps(&mut c, "web").await;
-        // The stopped replica's status went with it: the new claim (same replica, same
-        // epoch) never shows the old container's state as its own.
         assert!(
             p.iter().all(|r| r.container_id != old_container),
             "stale status shown: {}",

@@ -93,10 +93,21 @@ struct Shared {
     registry: Arc<Registry>,
     runtime: ContainerRuntime,
     ports: Mutex<BTreeSet<u16>>,
-    /// Images imported (and verified) into containerd through this connection: reference ->
-    /// (manifest sha256, containerd name, chain id). Saves re-checking every blob for each new
-    /// replica; an entry is dropped when a create from it fails.
-    imported: Mutex<HashMap<String, (String, String, String)>>,
+    /// Images imported (and verified) into containerd through this connection, by reference.
+    /// Saves re-checking every blob for each new replica; an entry is dropped when a create
+    /// from it fails.
+    imported: Mutex<HashMap<String, Imported>>,
+}
+
+/// An image this node imported into containerd.
+#[derive(Clone)]
+struct Imported {
+    /// The OCI manifest digest it was imported from (a re-tagged reference imports again).
+    manifest: String,
+    /// Its name in containerd.
+    name: String,
+    /// The chain id of its top layer, the parent of a replica's snapshot.
+    chain_id: String,
 }
 
 /// Runs this node's share of every service.
@@ -385,6 +396,16 @@ struct Reporter {
 }
 
 impl Reporter {
+    /// The replica's status as the replicated state holds it now (maybe another node's).
+    fn stored(&self) -> Option<ReplicaStatus> {
+        let key = status_key(&self.service, self.index);
+        let replica = self.shared.node.replica.lock().expect("replica lock");
+        replica
+            .map()
+            .get(&key)
+            .and_then(|e| serde_json::from_slice(e.value.as_deref()?).ok())
+    }
+
     fn report(&mut self, want: &Want, live: Option<&Live>, state: &str, reason: String) {
         let node = &self.shared.node;
         let mut status = ReplicaStatus {
@@ -403,13 +424,7 @@ impl Reporter {
             container_id: live.map(|l| l.id.clone()).unwrap_or_default(),
         };
         let key = status_key(&self.service, self.index);
-        let stored: Option<ReplicaStatus> = {
-            let replica = node.replica.lock().expect("replica lock");
-            replica
-                .map()
-                .get(&key)
-                .and_then(|e| serde_json::from_slice(e.value.as_deref()?).ok())
-        };
+        let stored = self.stored();
         if let Some(last) = &self.last {
             let same = ReplicaStatus {
                 since_ms: last.since_ms,
@@ -439,18 +454,11 @@ impl Reporter {
     /// since is theirs and stays.
     fn forget(&mut self, container: &str) {
         let node = &self.shared.node;
+        let ours = self.stored().is_some_and(|s| {
+            s.node == node.peer_id.to_string()
+                && (s.container_id.is_empty() || s.container_id == container)
+        });
         let key = status_key(&self.service, self.index);
-        let ours = {
-            let replica = node.replica.lock().expect("replica lock");
-            replica
-                .map()
-                .get(&key)
-                .and_then(|e| serde_json::from_slice::<ReplicaStatus>(e.value.as_deref()?).ok())
-                .is_some_and(|s| {
-                    s.node == node.peer_id.to_string()
-                        && (s.container_id.is_empty() || s.container_id == container)
-                })
-        };
         if ours && let Err(e) = node.write(&key, None) {
             tracing::warn!(error = %e, "cannot delete a replica status");
         }
@@ -741,10 +749,10 @@ async fn start_new(
         .lock()
         .expect("imported lock")
         .get(reference)
-        .filter(|(digest, _, _)| *digest == manifest)
-        .map(|(_, name, chain)| (name.clone(), chain.clone()));
+        .filter(|i| i.manifest == manifest)
+        .cloned();
     let from_cache = cached.is_some();
-    let (image_name, chain_id) = match cached {
+    let image = match cached {
         Some(hit) => hit,
         None => {
             reporter.report(want, None, "pulling", reference.clone());
@@ -753,11 +761,17 @@ async fn start_new(
                 .import_to_containerd(reference, rt.containerd())
                 .await
                 .map_err(|e| e.to_string())?;
-            shared.imported.lock().expect("imported lock").insert(
-                reference.clone(),
-                (manifest, name.clone(), report.chain_id.clone()),
-            );
-            (name, report.chain_id)
+            let image = Imported {
+                manifest,
+                name,
+                chain_id: report.chain_id,
+            };
+            shared
+                .imported
+                .lock()
+                .expect("imported lock")
+                .insert(reference.clone(), image.clone());
+            image
         }
     };
     let config = super::image_config(&shared.registry, &want.template.image)?;
@@ -778,8 +792,8 @@ async fn start_new(
         let created = rt
             .create(&NewContainer {
                 id: id.clone(),
-                image: image_name,
-                chain_id,
+                image: image.name,
+                chain_id: image.chain_id,
                 spec,
                 labels,
             })
