@@ -2,6 +2,12 @@
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Bucket bounds (seconds) of the latency histograms: sub-millisecond to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 /// Installs the global Prometheus recorder and returns the handle that renders it. When a
 /// recorder is already installed (several nodes in one test process) the handle still
 /// renders, but only the first node's metrics reach the global recorder.
@@ -16,22 +22,13 @@ pub fn install_metrics() -> PrometheusHandle {
         .expect("bucket list is not empty")
         // Request latencies (gateway routes, functions): histograms, so p50/p99 can be
         // computed across nodes.
-        .set_buckets_for_metric(
-            Matcher::Suffix("_duration_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0, 60.0,
-            ],
-        )
+        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), LATENCY_BUCKETS)
         .expect("bucket list is not empty")
         // Loading a function's module: deserializing its artifact (about a millisecond) or
         // compiling it (tens of milliseconds and up).
         .set_buckets_for_metric(
             Matcher::Full("mesh_fn_load_seconds".into()),
-            &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ],
+            LATENCY_BUCKETS,
         )
         .expect("bucket list is not empty")
         .build_recorder();

@@ -511,16 +511,16 @@ impl Functions {
             module: *module,
             source,
         })?;
-        let result = match outcome {
+        let source = match outcome {
             CacheOutcome::MemoryHit => "memory",
             CacheOutcome::DiskHit => "disk",
             CacheOutcome::Compiled => "compiled",
         };
-        metrics::counter!("mesh_fn_artifact_cache_total", "result" => result).increment(1);
+        metrics::counter!("mesh_fn_artifact_cache_total", "result" => source).increment(1);
         let elapsed = started.elapsed();
-        metrics::histogram!("mesh_fn_load_seconds", "result" => result)
+        metrics::histogram!("mesh_fn_load_seconds", "result" => source)
             .record(elapsed.as_secs_f64());
-        tracing::debug!(module = %module, result, elapsed_ms = elapsed.as_secs_f64() * 1e3,
+        tracing::debug!(module = %module, source, elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "function module loaded");
         self.loaded
             .lock()

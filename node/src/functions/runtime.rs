@@ -680,7 +680,7 @@ impl FunctionRuntime {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Counted before `done_rx` is dropped (at return), so the
                     // thread's decrement always comes after this increment.
-                    self.abandon(&call, true);
+                    self.abandon(&call);
                     break Err(Failure::Exhausted);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Err(panicked()),
@@ -703,29 +703,23 @@ impl FunctionRuntime {
         let call = self.start(module, req, limits, move |outcome| {
             done_tx.send(outcome).is_ok()
         })?;
-        // Whatever ends the wait before the answer (a deadline, a dropped future) makes the
-        // call a runaway, counted before `done_rx` goes (locals drop in reverse order).
-        let mut waiting = Abandoned {
-            runtime: self,
-            call: Some(&call),
+        // A dropped future makes the call a runaway, counted before `done_rx` goes (locals
+        // drop in reverse order).
+        let mut waiting = WaitGuard {
+            runaway: &self.runaway,
+            waiting: true,
         };
         let left = (call.started + limits.timeout).saturating_duration_since(Instant::now());
-        let outcome = match tokio::time::timeout(left, &mut done_rx).await {
-            Ok(Ok(outcome)) => {
-                waiting.call = None;
-                outcome
-            }
-            Ok(Err(_)) => {
-                waiting.call = None;
-                return Err(panicked());
-            }
+        let waited = tokio::time::timeout(left, &mut done_rx).await;
+        waiting.waiting = false;
+        let outcome = match waited {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => return Err(panicked()),
             Err(_) => {
-                waiting.call = None;
-                self.abandon(&call, true);
+                self.abandon(&call);
                 Err(Failure::Exhausted)
             }
         };
-        drop(waiting);
         self.finish(call, outcome, limits)
     }
 
@@ -789,13 +783,10 @@ impl FunctionRuntime {
         })
     }
 
-    /// The caller stops waiting for `call`: it becomes a runaway until its thread ends, and
-    /// is killed if `kill` (its deadline passed).
-    fn abandon(&self, call: &StartedCall, kill: bool) {
+    /// The deadline of `call` passed: it is killed, and a runaway until its thread ends.
+    fn abandon(&self, call: &StartedCall) {
         self.runaway.fetch_add(1, Ordering::SeqCst);
-        if kill {
-            call.kill.kill();
-        }
+        call.kill.kill();
     }
 
     /// Turns a call's outcome and output into the answer.
@@ -1358,16 +1349,16 @@ struct StartedCall {
     kill: Arc<KillSwitch>,
 }
 
-/// Marks a call abandoned (a runaway) if its async caller is dropped while waiting.
-struct Abandoned<'a> {
-    runtime: &'a FunctionRuntime,
-    call: Option<&'a StartedCall>,
+/// Counts a call as a runaway if its async caller is dropped while still waiting for it.
+struct WaitGuard<'a> {
+    runaway: &'a AtomicUsize,
+    waiting: bool,
 }
 
-impl Drop for Abandoned<'_> {
+impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
-        if let Some(call) = self.call {
-            self.runtime.abandon(call, false);
+        if self.waiting {
+            self.runaway.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -1491,21 +1482,22 @@ impl Call {
         // WASIX version for every call, about a fifth of a warm call's CPU.
         let imports =
             generate_import_object_from_env(&mut store, &wasi_env.env, WasiVersion::Snapshot1);
-        let instance = match wasmer::Instance::new(&mut store, &self.module, &imports) {
+        let instantiated = match wasmer::Instance::new(&mut store, &self.module, &imports) {
+            Ok(instance) => wasi_env
+                .initialize(&mut store, instance.clone())
+                .map(|()| instance)
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        let instance = match instantiated {
             Ok(instance) => instance,
-            Err(err) => {
+            Err(message) => {
                 wasi_env
                     .data(&store)
                     .blocking_on_exit(Some(Errno::Noexec.into()));
-                return Err(Failure::Instantiate(err.to_string()));
+                return Err(Failure::Instantiate(message));
             }
         };
-        if let Err(err) = wasi_env.initialize(&mut store, instance.clone()) {
-            wasi_env
-                .data(&store)
-                .blocking_on_exit(Some(Errno::Noexec.into()));
-            return Err(Failure::Instantiate(err.to_string()));
-        }
         if !self.kill.arm(wasi_env.data(&store).process.clone()) {
             wasi_env
                 .data(&store)
