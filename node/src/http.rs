@@ -564,7 +564,7 @@ async fn checked_request(
         match &route.target {
             RouteTarget::Function(name) => {
                 let limit = usize::try_from(limit).unwrap_or(MAX_BODY_BYTES);
-                let response_limit = Some((m.route.label.to_string(), route.response_limit()));
+                let response_limit = Some((m.route.label.clone(), route.response_limit()));
                 call_function(state, name, m.rest.clone(), request, limit, response_limit).await
             }
             RouteTarget::Service(name) => {
@@ -598,7 +598,7 @@ async fn call_function(
     rest: String,
     request: Request,
     limit: usize,
-    response_limit: Option<(String, u64)>,
+    response_limit: Option<(Arc<str>, u64)>,
 ) -> Response {
     let (parts, body) = request.into_parts();
     let too_large = || {
