@@ -843,7 +843,15 @@ mod tests {
         assert_eq!(gates.len(), 2);
         drop(other);
         assert_eq!(gates.len(), 1, "the other blob's gate went with its turn");
-        tokio::task::yield_now().await;
+        // The waiter holds the gate too once it is queued on it (map, first turn, waiter).
+        let queued = || gates.lock().get(&blob).map_or(0, Arc::strong_count) >= 3;
+        for _ in 0..10_000 {
+            if queued() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(queued(), "the second caller never queued on the gate");
         assert!(
             !waiter.is_finished(),
             "the second caller waits for the first"
