@@ -476,6 +476,7 @@ impl Registry {
             let expected = Expected {
                 hash: *hash,
                 chunks_hash: meta.chunks_hash,
+                sha256: meta.sha256.clone(),
             };
             // Tell fellow pullers that this node has pieces to share while it pulls.
             let pulling_key = format!("{PULLING_PREFIX}{hash}/{}", self.node.peer_id);

@@ -281,6 +281,8 @@ impl BlobStore {
             f.write_all(bytes)?;
             if durable {
                 f.sync_all()?;
+            } else {
+                start_writeback(&f);
             }
             if let Some(dir) = dest.parent() {
                 fs::create_dir_all(dir)?;
@@ -387,14 +389,19 @@ impl BlobStore {
     }
 
     /// Marks a blob complete once every chunk of `list` is stored and the chunks, read back
-    /// in order, hash to `expected`. Returns its info.
-    pub fn commit(&self, expected: &Hash, list: &ChunkList) -> Result<BlobInfo, StoreError> {
+    /// in order, hash to `expected`. Returns its info, with `sha256` as given: the digest the
+    /// replicated state records for the blob, checked by the node that took the push and again
+    /// by containerd when the blob is imported (hashing 512 MiB with sha256 again here cost
+    /// about a sixth of a pull's CPU).
+    pub fn commit(
+        &self,
+        expected: &Hash,
+        list: &ChunkList,
+        sha256: &str,
+    ) -> Result<BlobInfo, StoreError> {
         let mut b3 = blake3::Hasher::new();
-        let mut sha = sha2::Sha256::new();
         for c in &list.chunks {
-            let bytes = self.read_chunk(c)?;
-            b3.update(&bytes);
-            sha.update(&bytes);
+            b3.update(&self.read_chunk(c)?);
         }
         let found = Hash(*b3.finalize().as_bytes());
         if found != *expected {
@@ -409,7 +416,7 @@ impl BlobStore {
             hash: *expected,
             size: list.size,
             chunks_hash: list.hash(),
-            sha256: format!("sha256:{}", hex::encode(sha.finalize())),
+            sha256: sha256.to_string(),
         })
     }
 
@@ -559,6 +566,17 @@ impl BlobStore {
         }
         Ok(report)
     }
+}
+
+/// Asks the kernel to start writing a file's dirty pages to disk now, without waiting for it,
+/// so that a pull's disk writes overlap its network transfer and the `syncfs` before the
+/// commit finds little left to do (it made a 512 MiB pull wait about a quarter of a second).
+/// A hint: failure is ignored.
+#[allow(unsafe_code)]
+fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `f` is an open file for the whole call; sync_file_range only reads its arguments.
+    let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 fn touch(path: &Path) {
@@ -792,12 +810,13 @@ mod tests {
         }
         let wrong = Hash::of(b"something else");
         assert!(matches!(
-            store.commit(&wrong, &list),
+            store.commit(&wrong, &list, "sha256:00"),
             Err(StoreError::BlobMismatch { .. })
         ));
         assert!(!store.has(&wrong));
-        let info = store.commit(&Hash::of(&bytes), &list).unwrap();
+        let info = store.commit(&Hash::of(&bytes), &list, "sha256:00").unwrap();
         assert!(store.has(&info.hash));
+        assert_eq!(info.sha256, "sha256:00", "the digest recorded in the state");
     }
 
     #[test]

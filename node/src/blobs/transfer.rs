@@ -5,8 +5,9 @@
 //! each a `u32` length and a postcard [`BlobRequest`]; the server answers each in order:
 //!
 //! - `List(blob)`: status byte, `u32` length, the blob's [`ChunkList`] encoding;
-//! - `Chunks([h..])` (at most [`MAX_CHUNKS_PER_REQUEST`]): for each, status byte, `u32`
-//!   length, the chunk's bytes;
+//! - `Chunks { blob, chunks: [h..] }` (at most [`MAX_CHUNKS_PER_REQUEST`]): for each, status
+//!   byte, `u32` length, the chunk's bytes (or nothing, with status `MISSING`, or `ELSEWHERE`:
+//!   see below);
 //! - `Have(blob)`: status byte, `u32` length, a bitmap of the chunks of the blob this node has
 //!   (all ones for a complete blob; the progress of a pull in flight otherwise).
 //!
@@ -15,8 +16,11 @@
 //! fellow pullers every chunk they have, and from the complete holders (the seeders of last
 //! resort) preferably the chunks no fellow puller has yet; each puller walks the blob in its own
 //! random order, so that concurrent pullers fetch different chunks from the seeders and then
-//! trade them. This is what keeps the upload of the first holder near one copy when many nodes
-//! pull the same image at once.
+//! trade them. And a complete holder gives each chunk to one puller at a time: asked for a chunk
+//! it gave another puller less than [`SEED_MEMORY`] ago, it answers `ELSEWHERE` (a
+//! [`SeedLedger`] decides), and the puller leaves that chunk to its fellow pullers for a moment
+//! before asking a holder again. This is what keeps the upload of the first holder near one
+//! copy when many nodes pull the same image at once (BitTorrent calls it super-seeding).
 //!
 //! The puller ([`fetch`]) checks the list against the `chunks_hash` recorded in the replicated
 //! state and every chunk against its hash before writing it, so a lying holder is caught at
@@ -28,6 +32,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
@@ -36,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::store::{BlobInfo, BlobStore, ChunkList, Hash, StoreError};
 
 /// The stream protocol name.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/blobs/1");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/blobs/2");
 /// How long a pull waits for a blob's records (its meta, its holders) to arrive before it
 /// fails: gossip has no order across keys, so an image can be known before its blobs are.
 pub const HOLDERS_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -46,14 +51,60 @@ const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 const MAX_LIST_BYTES: u32 = 16 << 20;
 const OK: u8 = 0;
 const MISSING: u8 = 1;
+const ELSEWHERE: u8 = 2;
+/// How long a complete holder remembers which puller it gave a chunk to. Within this window
+/// another puller asking for the same chunk is told to get it from its fellow pullers; after it
+/// the chunk is served again, so a puller that died with the only copy delays the others by at
+/// most this long.
+pub const SEED_MEMORY: Duration = Duration::from_secs(4);
+/// How long a puller leaves a chunk that a holder sent elsewhere to its fellow pullers before
+/// asking a holder for it again.
+const ELSEWHERE_BACKOFF: Duration = Duration::from_millis(250);
+/// How long a chunk stays in flight with one worker before idle workers ask for it too.
+const ENDGAME_AFTER: Duration = Duration::from_secs(3);
+/// Ledger size above which entries older than [`SEED_MEMORY`] are dropped.
+const LEDGER_PRUNE_AT: usize = 4096;
+
+/// Which puller a complete holder last gave each chunk to: the state of "give each chunk to one
+/// puller at a time", kept apart from the streams that consult it.
+#[derive(Debug, Default)]
+pub struct SeedLedger {
+    given: HashMap<Hash, (PeerId, Instant)>,
+}
+
+impl SeedLedger {
+    /// Whether `peer` may have `chunk` from this holder at `now`, recording it if so. False when
+    /// another peer was given it less than [`SEED_MEMORY`] ago (the same peer asking again, say
+    /// after a lost stream, always gets it).
+    pub fn grant(&mut self, chunk: Hash, peer: PeerId, now: Instant) -> bool {
+        if let Some((other, at)) = self.given.get(&chunk)
+            && *other != peer
+            && now.saturating_duration_since(*at) < SEED_MEMORY
+        {
+            return false;
+        }
+        self.given.insert(chunk, (peer, now));
+        if self.given.len() > LEDGER_PRUNE_AT {
+            self.given
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < SEED_MEMORY);
+        }
+        true
+    }
+}
 
 /// A request on a blob stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BlobRequest {
     /// The chunk list of a blob.
     List(Hash),
-    /// Some chunks' bytes.
-    Chunks(Vec<Hash>),
+    /// Some chunks of a blob: a node holding the whole blob gives each chunk to one puller
+    /// at a time (see [`SeedLedger`]).
+    Chunks {
+        /// The blob they belong to.
+        blob: Hash,
+        /// The chunks wanted.
+        chunks: Vec<Hash>,
+    },
     /// Which chunks of a blob this node has.
     Have(Hash),
 }
@@ -81,6 +132,7 @@ pub async fn serve(
             return;
         }
     };
+    let ledger = Arc::new(Mutex::new(SeedLedger::default()));
     loop {
         let next = tokio::select! {
             next = incoming.next() => next,
@@ -88,8 +140,9 @@ pub async fn serve(
         };
         let Some((peer, stream)) = next else { break };
         let store = store.clone();
+        let ledger = ledger.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(stream, store, mode).await {
+            if let Err(e) = serve_stream(peer, stream, store, ledger, mode).await {
                 tracing::debug!(%peer, error = %e, "blob stream ended");
             }
         });
@@ -97,8 +150,10 @@ pub async fn serve(
 }
 
 async fn serve_stream(
+    peer: PeerId,
     mut stream: libp2p::Stream,
     store: Arc<BlobStore>,
+    ledger: Arc<Mutex<SeedLedger>>,
     mode: ServeMode,
 ) -> std::io::Result<()> {
     loop {
@@ -151,11 +206,22 @@ async fn serve_stream(
                     None => write_frame(&mut stream, MISSING, &[]).await?,
                 }
             }
-            BlobRequest::Chunks(hashes) => {
-                if hashes.len() > MAX_CHUNKS_PER_REQUEST {
+            BlobRequest::Chunks { blob, chunks } => {
+                if chunks.len() > MAX_CHUNKS_PER_REQUEST {
                     return Err(std::io::Error::other("too many chunks in one request"));
                 }
-                for h in hashes {
+                // Only a complete holder seeds; a fellow puller trades whatever it has.
+                let seeding = store.has(&blob);
+                for h in chunks {
+                    if seeding
+                        && !ledger
+                            .lock()
+                            .expect("ledger lock")
+                            .grant(h, peer, Instant::now())
+                    {
+                        write_frame(&mut stream, ELSEWHERE, &[]).await?;
+                        continue;
+                    }
                     let s = store.clone();
                     let bytes = tokio::task::spawn_blocking(move || s.read_chunk(&h))
                         .await
@@ -191,7 +257,27 @@ async fn write_frame(stream: &mut libp2p::Stream, status: u8, body: &[u8]) -> st
 /// declared dead and its connections are closed, which is sooner.
 const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Option<Vec<u8>>> {
+/// One answer frame.
+enum Answer {
+    /// The bytes asked for.
+    Bytes(Vec<u8>),
+    /// The node does not have it.
+    Missing,
+    /// A holder gave this chunk to another puller a moment ago: ask a fellow puller.
+    Elsewhere,
+}
+
+impl Answer {
+    /// The bytes, if the node had them.
+    fn bytes(self) -> Option<Vec<u8>> {
+        match self {
+            Answer::Bytes(b) => Some(b),
+            Answer::Missing | Answer::Elsewhere => None,
+        }
+    }
+}
+
+async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
     tokio::time::timeout(FRAME_TIMEOUT, read_frame_inner(stream, max))
         .await
         .unwrap_or_else(|_| {
@@ -202,10 +288,7 @@ async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Op
         })
 }
 
-async fn read_frame_inner(
-    stream: &mut libp2p::Stream,
-    max: u32,
-) -> std::io::Result<Option<Vec<u8>>> {
+async fn read_frame_inner(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await?;
     let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
@@ -216,7 +299,11 @@ async fn read_frame_inner(
     }
     let mut body = vec![0u8; len as usize];
     stream.read_exact(&mut body).await?;
-    Ok((head[0] == OK).then_some(body))
+    Ok(match head[0] {
+        OK => Answer::Bytes(body),
+        ELSEWHERE => Answer::Elsewhere,
+        _ => Answer::Missing,
+    })
 }
 
 async fn send_request(stream: &mut libp2p::Stream, req: &BlobRequest) -> std::io::Result<()> {
@@ -229,12 +316,14 @@ async fn send_request(stream: &mut libp2p::Stream, req: &BlobRequest) -> std::io
 }
 
 /// What the replicated state says about a blob: enough to verify any holder's answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     /// blake3 of the content.
     pub hash: Hash,
     /// Hash of the chunk list.
     pub chunks_hash: Hash,
+    /// `sha256:<hex>` of the content, as recorded (see [`BlobStore::commit`]).
+    pub sha256: String,
 }
 
 /// A node to fetch from.
@@ -306,6 +395,49 @@ struct Pull {
     peer_has: Mutex<HashMap<PeerId, Vec<u8>>>,
     /// Chunks this pull wrote, to undo them if the local store fails.
     written: Mutex<Vec<Hash>>,
+    /// Chunks a holder sent elsewhere, until taken again, with the time from which holders
+    /// may be asked for them again.
+    deferred: Mutex<HashMap<usize, Instant>>,
+    /// Chunks some worker has asked for and not yet stored or given back, with when.
+    inflight: Mutex<HashMap<usize, Instant>>,
+    /// Chunks stored by this pull (a chunk can arrive twice in the end game).
+    stored: Mutex<HashSet<usize>>,
+    /// Chunk writes running on blocking threads.
+    puts: WritesInFlight,
+}
+
+/// Counts writes running on blocking threads, so that a failed pull can wait for them before it
+/// undoes what they wrote.
+#[derive(Default, Clone)]
+struct WritesInFlight(Arc<(Mutex<usize>, tokio::sync::Notify)>);
+
+/// One running write; dropping it ends it.
+struct Writing(WritesInFlight);
+
+impl WritesInFlight {
+    /// Counts a write from now until the returned guard is dropped.
+    fn start(&self) -> Writing {
+        *self.0.0.lock().expect("writes lock") += 1;
+        Writing(self.clone())
+    }
+
+    /// Waits until no write runs.
+    async fn idle(&self) {
+        loop {
+            let finished = self.0.1.notified();
+            if *self.0.0.lock().expect("writes lock") == 0 {
+                return;
+            }
+            finished.await;
+        }
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        *self.0.0.0.lock().expect("writes lock") -= 1;
+        self.0.0.1.notify_waiters();
+    }
 }
 
 impl Pull {
@@ -315,38 +447,92 @@ impl Pull {
 
     /// Takes up to `n` chunks for `source`: from a fellow puller only chunks it has; from a
     /// holder, chunks no fellow puller has first (unless `any`).
+    /// Chunks a holder sent elsewhere ([`SeedLedger`]) wait [`ELSEWHERE_BACKOFF`] before a
+    /// holder is asked for them again, and a fellow puller that has them is asked for them
+    /// before anything else.
     fn take(&self, source: &Source, n: usize, any: bool) -> Vec<usize> {
         let mut queue = self.queue.lock().expect("queue lock");
         let peer_has = self.peer_has.lock().expect("have lock");
-        let wanted = |i: usize| -> bool {
-            if source.complete {
-                any || !peer_has.values().any(|bits| Self::has_bit(bits, i))
-            } else {
-                peer_has
-                    .get(&source.peer)
-                    .is_some_and(|bits| Self::has_bit(bits, i))
-            }
+        let mut deferred = self.deferred.lock().expect("deferred lock");
+        let now = Instant::now();
+        let fellow_has = |i: usize| {
+            peer_has
+                .get(&source.peer)
+                .is_some_and(|bits| Self::has_bit(bits, i))
         };
         let mut out = Vec::new();
-        let mut k = 0;
-        while k < queue.len() && out.len() < n {
-            if wanted(queue[k]) {
-                out.push(queue.swap_remove(k));
-            } else {
-                k += 1;
+        let mut take_where = |wanted: &dyn Fn(usize) -> bool, out: &mut Vec<usize>| {
+            let mut k = 0;
+            while k < queue.len() && out.len() < n {
+                if wanted(queue[k]) {
+                    out.push(queue.swap_remove(k));
+                } else {
+                    k += 1;
+                }
+            }
+        };
+        if source.complete {
+            let wanted = |i: usize| {
+                deferred.get(&i).is_none_or(|until| *until <= now)
+                    && (any || !peer_has.values().any(|bits| Self::has_bit(bits, i)))
+            };
+            take_where(&wanted, &mut out);
+        } else {
+            take_where(&|i| deferred.contains_key(&i) && fellow_has(i), &mut out);
+            take_where(&fellow_has, &mut out);
+        }
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        for i in &out {
+            deferred.remove(i);
+            inflight.insert(*i, now);
+        }
+        if out.is_empty() && self.remaining.load(Ordering::SeqCst) > 0 {
+            // End game: the queue is empty but chunks are still missing. Ask for chunks another
+            // worker has had in flight for a while (its stream may be stuck on a connection that
+            // died without a reset), so that one slow source cannot hold the pull back.
+            for (i, at) in inflight.iter_mut() {
+                if out.len() < n
+                    && now.saturating_duration_since(*at) >= ENDGAME_AFTER
+                    && (source.complete || fellow_has(*i))
+                {
+                    *at = now;
+                    out.push(*i);
+                }
             }
         }
         out
     }
 
-    fn give_back(&self, chunks: &[usize]) {
-        self.queue
+    /// Puts a chunk a holder sent elsewhere back in the queue, for fellow pullers first.
+    fn defer(&self, chunk: usize) {
+        self.deferred
             .lock()
-            .expect("queue lock")
-            .extend_from_slice(chunks);
+            .expect("deferred lock")
+            .insert(chunk, Instant::now() + ELSEWHERE_BACKOFF);
+        self.give_back(&[chunk]);
     }
 
-    fn stored_one(&self) {
+    /// Puts chunks a worker could not fetch back in the queue (unless another worker stored
+    /// them meanwhile, or they are queued already).
+    fn give_back(&self, chunks: &[usize]) {
+        let mut queue = self.queue.lock().expect("queue lock");
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let stored = self.stored.lock().expect("stored lock");
+        for i in chunks {
+            inflight.remove(i);
+            if !stored.contains(i) && !queue.contains(i) {
+                queue.push(*i);
+            }
+        }
+    }
+
+    /// Records chunk `i` as stored; the pull is done with the last one. A second copy of a
+    /// chunk (end game) counts once.
+    fn stored_one(&self, i: usize) {
+        self.inflight.lock().expect("inflight lock").remove(&i);
+        if !self.stored.lock().expect("stored lock").insert(i) {
+            return;
+        }
         if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.done.store(true, Ordering::SeqCst);
         }
@@ -366,10 +552,12 @@ pub async fn fetch(
     let blob = expected.hash;
     if store.has(&blob) {
         let list = store.chunk_list(&blob)?;
-        let s = store.clone();
-        let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list))
-            .await
-            .expect("commit task")?;
+        let info = BlobInfo {
+            hash: blob,
+            size: list.size,
+            chunks_hash: list.hash(),
+            sha256: expected.sha256,
+        };
         return Ok((info, FetchReport::default()));
     }
     // The blob's record can arrive before its holder records (gossip has no order across
@@ -444,6 +632,10 @@ pub async fn fetch(
         list,
         peer_has: Mutex::new(HashMap::new()),
         written: Mutex::new(Vec::new()),
+        deferred: Mutex::new(HashMap::new()),
+        inflight: Mutex::new(HashMap::new()),
+        stored: Mutex::new(HashSet::new()),
+        puts: WritesInFlight::default(),
     });
     let progress = Arc::new(progress);
     let mut workers = tokio::task::JoinSet::new();
@@ -549,6 +741,10 @@ pub async fn fetch(
                     // chunks so a later pull resumes.)
                     workers.abort_all();
                     while workers.join_next().await.is_some() {}
+                    // Writes already handed to blocking threads still finish: wait for them.
+                    if tokio::time::timeout(FRAME_TIMEOUT, pull.puts.idle()).await.is_err() {
+                        tracing::warn!(%blob, "chunk writes still running after 30 s; some may stay");
+                    }
                     store.remove_partial_list(&blob);
                     let written = std::mem::take(&mut *pull.written.lock().expect("written lock"));
                     let s = store.clone();
@@ -576,9 +772,12 @@ pub async fn fetch(
     // 3. Commit: re-hash the whole blob against its name.
     let s = store.clone();
     let list = pull.list.clone();
-    let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list))
+    let sha256 = expected.sha256;
+    let started = Instant::now();
+    let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list, &sha256))
         .await
         .expect("commit task")?;
+    tracing::debug!(%blob, elapsed = ?started.elapsed(), "pulled blob committed");
     store.remove_partial_list(&blob);
     drop(pins);
     Ok((info, report))
@@ -594,7 +793,7 @@ async fn fetch_list(
         .await
         .map_err(std::io::Error::other)?;
     send_request(&mut stream, &BlobRequest::List(blob)).await?;
-    let body = read_frame(&mut stream, MAX_LIST_BYTES).await?;
+    let body = read_frame(&mut stream, MAX_LIST_BYTES).await?.bytes();
     let _ = stream.close().await;
     Ok(body.and_then(|b| ChunkList::decode(&b)))
 }
@@ -637,7 +836,9 @@ async fn worker(
             let blob = pull.blob;
             let have = async {
                 send_request(&mut stream, &BlobRequest::Have(blob)).await?;
-                read_frame(&mut stream, blob_list_len.div_ceil(8) as u32 + 8).await
+                read_frame(&mut stream, blob_list_len.div_ceil(8) as u32 + 8)
+                    .await
+                    .map(Answer::bytes)
             };
             let have = tokio::time::timeout(FRAME_TIMEOUT, have)
                 .await
@@ -682,7 +883,13 @@ async fn worker(
         // not be held forever, or the other workers would wait for them in vain.
         let sent = tokio::time::timeout(
             FRAME_TIMEOUT,
-            send_request(&mut stream, &BlobRequest::Chunks(hashes.clone())),
+            send_request(
+                &mut stream,
+                &BlobRequest::Chunks {
+                    blob: pull.blob,
+                    chunks: hashes.clone(),
+                },
+            ),
         )
         .await
         .unwrap_or_else(|_| {
@@ -697,13 +904,18 @@ async fn worker(
         }
         for (k, i) in batch.iter().enumerate() {
             let body = match read_frame(&mut stream, super::store::CHUNK_SIZE as u32).await {
-                Ok(Some(b)) => b,
-                Ok(None) if !src.complete => {
+                Ok(Answer::Bytes(b)) => b,
+                Ok(Answer::Elsewhere) => {
+                    // Another puller got it from this holder a moment ago.
+                    pull.defer(*i);
+                    continue;
+                }
+                Ok(Answer::Missing) if !src.complete => {
                     // A fellow puller may have been asked for a chunk it lost; not a lie.
                     pull.give_back(&batch[k..k + 1]);
                     continue;
                 }
-                Ok(None) => {
+                Ok(Answer::Missing) => {
                     pull.give_back(&batch[k..]);
                     return WorkerEnd::Failed(src, fetched, "does not have every chunk".into());
                 }
@@ -715,15 +927,25 @@ async fn worker(
             let h = hashes[k];
             let s = store.clone();
             let len = body.len() as u64;
-            let put = tokio::task::spawn_blocking(move || s.put_chunk(&h, &body))
-                .await
-                .expect("store task");
+            // The blocking write runs to its end even if this worker is aborted, so it records
+            // what it wrote itself (a failed pull must find every chunk it has to undo).
+            let writing = pull.puts.start();
+            let p = pull.clone();
+            let put = tokio::task::spawn_blocking(move || {
+                let _writing = writing;
+                let put = s.put_chunk(&h, &body);
+                if put.is_ok() {
+                    p.written.lock().expect("written lock").push(h);
+                }
+                put
+            })
+            .await
+            .expect("store task");
             match put {
                 Ok(()) => {
                     fetched += 1;
-                    pull.written.lock().expect("written lock").push(h);
                     progress(len);
-                    pull.stored_one();
+                    pull.stored_one(*i);
                 }
                 Err(StoreError::ChunkMismatch { .. }) => {
                     tracing::warn!(%peer, chunk = %h, index = i, "corrupt piece; dropping holder");
@@ -736,5 +958,154 @@ async fn worker(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_pull_waits_for_the_writes_it_started() {
+        let writes = WritesInFlight::default();
+        let (a, b) = (writes.start(), writes.start());
+        let waiter = tokio::spawn({
+            let writes = writes.clone();
+            async move { writes.idle().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one write still runs");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("idle once every write ended")
+            .unwrap();
+        writes.idle().await;
+    }
+
+    #[test]
+    fn a_chunk_stuck_with_one_worker_is_asked_for_again_and_counted_once() {
+        let pull = pull_of(2);
+        let holder = Source {
+            peer: PeerId::random(),
+            complete: true,
+        };
+        let mut first = pull.take(&holder, 2, true);
+        first.sort();
+        assert_eq!(first, vec![0, 1]);
+        pull.stored_one(0);
+        // Chunk 1 is in flight but not for long: nothing to do for an idle worker.
+        assert!(pull.take(&holder, 2, true).is_empty());
+        // After ENDGAME_AFTER another worker asks for it too, once.
+        pull.inflight
+            .lock()
+            .unwrap()
+            .insert(1, Instant::now() - ENDGAME_AFTER);
+        assert_eq!(pull.take(&holder, 2, true), vec![1]);
+        assert!(pull.take(&holder, 2, true).is_empty());
+        // Both copies arrive: counted once, and the pull is done.
+        pull.stored_one(1);
+        assert!(pull.done.load(Ordering::SeqCst));
+        pull.stored_one(1);
+        assert_eq!(pull.remaining.load(Ordering::SeqCst), 0);
+        // The stuck worker giving it back afterwards does not queue it again.
+        pull.give_back(&[1]);
+        assert!(pull.queue.lock().unwrap().is_empty());
+    }
+
+    fn chunk(n: u8) -> Hash {
+        Hash::of(&[n])
+    }
+
+    #[test]
+    fn a_holder_gives_each_chunk_to_one_puller_at_a_time() {
+        let (x, y) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        let mut ledger = SeedLedger::default();
+        assert!(ledger.grant(chunk(1), x, t0));
+        // Another puller is sent elsewhere while the memory lasts...
+        assert!(!ledger.grant(chunk(1), y, t0 + Duration::from_millis(100)));
+        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY - Duration::from_millis(1)));
+        // ...but gets other chunks, and the first puller may ask again (a lost stream).
+        assert!(ledger.grant(chunk(2), y, t0));
+        assert!(ledger.grant(chunk(1), x, t0 + Duration::from_millis(500)));
+        // Once the memory of the last grant (500 ms) has passed, anyone gets it: a puller that
+        // died with the only copy delays the others by at most SEED_MEMORY.
+        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY));
+        assert!(ledger.grant(chunk(1), y, t0 + Duration::from_millis(500) + SEED_MEMORY));
+    }
+
+    #[test]
+    fn the_ledger_forgets_old_grants_when_it_grows() {
+        let x = PeerId::random();
+        let t0 = Instant::now();
+        let mut ledger = SeedLedger::default();
+        for n in 0..LEDGER_PRUNE_AT as u32 {
+            ledger.grant(Hash::of(&n.to_le_bytes()), x, t0);
+        }
+        assert_eq!(ledger.given.len(), LEDGER_PRUNE_AT);
+        ledger.grant(chunk(1), x, t0 + SEED_MEMORY);
+        assert_eq!(ledger.given.len(), 1, "only the fresh grant is left");
+    }
+
+    fn pull_of(chunks: usize) -> Pull {
+        let list = ChunkList {
+            size: (chunks * super::super::store::CHUNK_SIZE) as u64,
+            chunks: (0..chunks).map(|n| chunk(n as u8)).collect(),
+        };
+        Pull {
+            blob: list.hash(),
+            remaining: AtomicU64::new(chunks as u64),
+            done: AtomicBool::new(false),
+            queue: Mutex::new((0..chunks).collect()),
+            list,
+            peer_has: Mutex::new(HashMap::new()),
+            written: Mutex::new(Vec::new()),
+            deferred: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            stored: Mutex::new(HashSet::new()),
+            puts: WritesInFlight::default(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_sent_elsewhere_goes_to_fellow_pullers_before_holders() {
+        let pull = pull_of(3);
+        let holder = Source {
+            peer: PeerId::random(),
+            complete: true,
+        };
+        let fellow = Source {
+            peer: PeerId::random(),
+            complete: false,
+        };
+        let mut taken = pull.take(&holder, 3, true);
+        taken.sort();
+        assert_eq!(taken, vec![0, 1, 2]);
+        pull.defer(1);
+        pull.give_back(&[0, 2]);
+        // The holder is not asked for chunk 1 again at once, even with `any`...
+        let mut again = pull.take(&holder, 3, true);
+        again.sort();
+        assert_eq!(again, vec![0, 2]);
+        // ...while a fellow puller that has it gives it first, before anything else it has.
+        pull.give_back(&[0, 2]);
+        pull.peer_has
+            .lock()
+            .unwrap()
+            .insert(fellow.peer, vec![0b111]);
+        assert_eq!(pull.take(&fellow, 1, false), vec![1]);
+        // Given back (the fellow lost it), it waits out the back-off for holders again only
+        // when a holder sends it elsewhere again; past the back-off a holder gets it.
+        pull.defer(1);
+        pull.deferred
+            .lock()
+            .unwrap()
+            .insert(1, Instant::now() - Duration::from_millis(1));
+        let mut all = pull.take(&holder, 3, true);
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2]);
+        assert!(pull.deferred.lock().unwrap().is_empty());
     }
 }
