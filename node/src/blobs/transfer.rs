@@ -74,10 +74,12 @@ pub struct SeedLedger {
 
 impl SeedLedger {
     /// Whether `peer` may have `chunk` from this holder at `now`, recording it if so. False when
-    /// another peer was given it less than [`SEED_MEMORY`] ago (the same peer asking again, say
-    /// after a lost stream, always gets it).
-    pub fn grant(&mut self, chunk: Hash, peer: PeerId, now: Instant) -> bool {
-        if let Some((other, at)) = self.given.get(&chunk)
+    /// the peer can `share` (it has fellow pullers) and another peer was given the chunk less
+    /// than [`SEED_MEMORY`] ago (the same peer asking again, say after a lost stream, always
+    /// gets it).
+    pub fn grant(&mut self, chunk: Hash, peer: PeerId, share: bool, now: Instant) -> bool {
+        if share
+            && let Some((other, at)) = self.given.get(&chunk)
             && *other != peer
             && now.saturating_duration_since(*at) < SEED_MEMORY
         {
@@ -104,6 +106,9 @@ pub enum BlobRequest {
         blob: Hash,
         /// The chunks wanted.
         chunks: Vec<Hash>,
+        /// The asker pulls beside fellow pullers it can get chunks from, so a holder may send
+        /// it elsewhere; a lone puller is always served.
+        share: bool,
     },
     /// Which chunks of a blob this node has.
     Have(Hash),
@@ -206,18 +211,25 @@ async fn serve_stream(
                     None => write_frame(&mut stream, MISSING, &[]).await?,
                 }
             }
-            BlobRequest::Chunks { blob, chunks } => {
+            BlobRequest::Chunks {
+                blob,
+                chunks,
+                share,
+            } => {
                 if chunks.len() > MAX_CHUNKS_PER_REQUEST {
                     return Err(std::io::Error::other("too many chunks in one request"));
                 }
-                // Only a complete holder seeds; a fellow puller trades whatever it has.
+                // Only a complete holder seeds; a fellow puller trades whatever it has. Every
+                // grant is recorded; only a puller that can share is sent elsewhere.
                 let seeding = store.has(&blob);
                 for h in chunks {
                     if seeding
-                        && !ledger
-                            .lock()
-                            .expect("ledger lock")
-                            .grant(h, peer, Instant::now())
+                        && !ledger.lock().expect("ledger lock").grant(
+                            h,
+                            peer,
+                            share,
+                            Instant::now(),
+                        )
                     {
                         write_frame(&mut stream, ELSEWHERE, &[]).await?;
                         continue;
@@ -879,6 +891,7 @@ async fn worker(
         }
         idle_rounds = 0;
         let hashes: Vec<Hash> = batch.iter().map(|i| pull.list.chunks[*i]).collect();
+        let share = !pull.peer_has.lock().expect("have lock").is_empty();
         // Sending can stall on a connection that died without a reset; the chunks taken must
         // not be held forever, or the other workers would wait for them in vain.
         let sent = tokio::time::timeout(
@@ -888,6 +901,7 @@ async fn worker(
                 &BlobRequest::Chunks {
                     blob: pull.blob,
                     chunks: hashes.clone(),
+                    share,
                 },
             ),
         )
@@ -1023,17 +1037,32 @@ mod tests {
         let (x, y) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
         let mut ledger = SeedLedger::default();
-        assert!(ledger.grant(chunk(1), x, t0));
+        assert!(ledger.grant(chunk(1), x, true, t0));
         // Another puller is sent elsewhere while the memory lasts...
-        assert!(!ledger.grant(chunk(1), y, t0 + Duration::from_millis(100)));
-        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY - Duration::from_millis(1)));
+        assert!(!ledger.grant(chunk(1), y, true, t0 + Duration::from_millis(100)));
+        assert!(!ledger.grant(
+            chunk(1),
+            y,
+            true,
+            t0 + SEED_MEMORY - Duration::from_millis(1)
+        ));
         // ...but gets other chunks, and the first puller may ask again (a lost stream).
-        assert!(ledger.grant(chunk(2), y, t0));
-        assert!(ledger.grant(chunk(1), x, t0 + Duration::from_millis(500)));
+        assert!(ledger.grant(chunk(2), y, true, t0));
+        assert!(ledger.grant(chunk(1), x, true, t0 + Duration::from_millis(500)));
         // Once the memory of the last grant (500 ms) has passed, anyone gets it: a puller that
         // died with the only copy delays the others by at most SEED_MEMORY.
-        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY));
-        assert!(ledger.grant(chunk(1), y, t0 + Duration::from_millis(500) + SEED_MEMORY));
+        assert!(!ledger.grant(chunk(1), y, true, t0 + SEED_MEMORY));
+        assert!(ledger.grant(
+            chunk(1),
+            y,
+            true,
+            t0 + Duration::from_millis(500) + SEED_MEMORY
+        ));
+        // A puller without fellow pullers is always served (there is nobody to send it to),
+        // and the grant counts against the others.
+        assert!(ledger.grant(chunk(3), x, true, t0));
+        assert!(ledger.grant(chunk(3), y, false, t0));
+        assert!(!ledger.grant(chunk(3), x, true, t0 + Duration::from_millis(1)));
     }
 
     #[test]
@@ -1042,10 +1071,10 @@ mod tests {
         let t0 = Instant::now();
         let mut ledger = SeedLedger::default();
         for n in 0..LEDGER_PRUNE_AT as u32 {
-            ledger.grant(Hash::of(&n.to_le_bytes()), x, t0);
+            ledger.grant(Hash::of(&n.to_le_bytes()), x, true, t0);
         }
         assert_eq!(ledger.given.len(), LEDGER_PRUNE_AT);
-        ledger.grant(chunk(1), x, t0 + SEED_MEMORY);
+        ledger.grant(chunk(1), x, true, t0 + SEED_MEMORY);
         assert_eq!(ledger.given.len(), 1, "only the fresh grant is left");
     }
 
