@@ -343,9 +343,14 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(network.run(shutdown_rx.clone()));
+        let holds: transfer::Holds = {
+            let registry = registry.clone();
+            Arc::new(move |blob, peer| registry.holds(blob, peer))
+        };
         tasks.spawn(transfer::serve(
             control,
             store,
+            holds,
             serve_mode,
             shutdown_rx.clone(),
         ));

@@ -439,6 +439,13 @@ impl Registry {
         out
     }
 
+    /// Whether `peer` holds the whole blob according to the state.
+    pub fn holds(&self, hash: &Hash, peer: &PeerId) -> bool {
+        let key = format!("{HOLDER_PREFIX}{hash}/{peer}");
+        let replica = self.node.replica.lock().expect("replica lock");
+        replica.map().get(&key).is_some_and(|e| e.value.is_some())
+    }
+
     /// Holders of a blob according to the state, alive ones first.
     pub fn holders(&self, hash: &Hash) -> Vec<Holder> {
         self.nodes_under(&format!("{HOLDER_PREFIX}{hash}/"))

@@ -74,14 +74,21 @@ pub struct SeedLedger {
 
 impl SeedLedger {
     /// Whether `peer` may have `chunk` from this holder at `now`, recording it if so. False when
-    /// the peer can `share` (it has fellow pullers) and another peer was given the chunk less
-    /// than [`SEED_MEMORY`] ago (the same peer asking again, say after a lost stream, always
-    /// gets it).
-    pub fn grant(&mut self, chunk: Hash, peer: PeerId, share: bool, now: Instant) -> bool {
-        if share
-            && let Some((other, at)) = self.given.get(&chunk)
+    /// another peer was given the chunk less than [`SEED_MEMORY`] ago and is still pulling
+    /// (`complete` says whether a peer now holds the whole blob: then it is a holder the asker
+    /// will use anyway, and this holder serves too). The same peer asking again, say after a
+    /// lost stream, always gets it.
+    pub fn grant(
+        &mut self,
+        chunk: Hash,
+        peer: PeerId,
+        now: Instant,
+        complete: impl Fn(&PeerId) -> bool,
+    ) -> bool {
+        if let Some((other, at)) = self.given.get(&chunk)
             && *other != peer
             && now.saturating_duration_since(*at) < SEED_MEMORY
+            && !complete(other)
         {
             return false;
         }
@@ -106,9 +113,6 @@ pub enum BlobRequest {
         blob: Hash,
         /// The chunks wanted.
         chunks: Vec<Hash>,
-        /// The asker pulls beside fellow pullers it can get chunks from, so a holder may send
-        /// it elsewhere; a lone puller is always served.
-        share: bool,
     },
     /// Which chunks of a blob this node has.
     Have(Hash),
@@ -123,10 +127,15 @@ pub enum ServeMode {
     CorruptPieces,
 }
 
-/// Serves blob streams from `store` until `shutdown` turns true.
+/// Whether a node holds the whole of a blob, according to the replicated state.
+pub type Holds = Arc<dyn Fn(&Hash, &PeerId) -> bool + Send + Sync>;
+
+/// Serves blob streams from `store` until `shutdown` turns true. `holds` tells which peers
+/// have finished pulling a blob (see [`SeedLedger::grant`]).
 pub async fn serve(
     mut control: libp2p_stream::Control,
     store: Arc<BlobStore>,
+    holds: Holds,
     mode: ServeMode,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -146,8 +155,9 @@ pub async fn serve(
         let Some((peer, stream)) = next else { break };
         let store = store.clone();
         let ledger = ledger.clone();
+        let holds = holds.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(peer, stream, store, ledger, mode).await {
+            if let Err(e) = serve_stream(peer, stream, store, ledger, holds, mode).await {
                 tracing::debug!(%peer, error = %e, "blob stream ended");
             }
         });
@@ -159,6 +169,7 @@ async fn serve_stream(
     mut stream: libp2p::Stream,
     store: Arc<BlobStore>,
     ledger: Arc<Mutex<SeedLedger>>,
+    holds: Holds,
     mode: ServeMode,
 ) -> std::io::Result<()> {
     loop {
@@ -211,24 +222,19 @@ async fn serve_stream(
                     None => write_frame(&mut stream, MISSING, &[]).await?,
                 }
             }
-            BlobRequest::Chunks {
-                blob,
-                chunks,
-                share,
-            } => {
+            BlobRequest::Chunks { blob, chunks } => {
                 if chunks.len() > MAX_CHUNKS_PER_REQUEST {
                     return Err(std::io::Error::other("too many chunks in one request"));
                 }
-                // Only a complete holder seeds; a fellow puller trades whatever it has. Every
-                // grant is recorded; only a puller that can share is sent elsewhere.
+                // Only a complete holder seeds; a fellow puller trades whatever it has.
                 let seeding = store.has(&blob);
                 for h in chunks {
                     if seeding
                         && !ledger.lock().expect("ledger lock").grant(
                             h,
                             peer,
-                            share,
                             Instant::now(),
+                            |other| holds(&blob, other),
                         )
                     {
                         write_frame(&mut stream, ELSEWHERE, &[]).await?;
@@ -891,7 +897,6 @@ async fn worker(
         }
         idle_rounds = 0;
         let hashes: Vec<Hash> = batch.iter().map(|i| pull.list.chunks[*i]).collect();
-        let share = !pull.peer_has.lock().expect("have lock").is_empty();
         // Sending can stall on a connection that died without a reset; the chunks taken must
         // not be held forever, or the other workers would wait for them in vain.
         let sent = tokio::time::timeout(
@@ -901,7 +906,6 @@ async fn worker(
                 &BlobRequest::Chunks {
                     blob: pull.blob,
                     chunks: hashes.clone(),
-                    share,
                 },
             ),
         )
@@ -1032,37 +1036,33 @@ mod tests {
         Hash::of(&[n])
     }
 
+    /// Nobody has finished pulling.
+    fn pulling(_: &PeerId) -> bool {
+        false
+    }
+
     #[test]
     fn a_holder_gives_each_chunk_to_one_puller_at_a_time() {
         let (x, y) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut ledger = SeedLedger::default();
-        assert!(ledger.grant(chunk(1), x, true, t0));
+        assert!(ledger.grant(chunk(1), x, t0, pulling));
         // Another puller is sent elsewhere while the memory lasts...
-        assert!(!ledger.grant(chunk(1), y, true, t0 + Duration::from_millis(100)));
-        assert!(!ledger.grant(
-            chunk(1),
-            y,
-            true,
-            t0 + SEED_MEMORY - Duration::from_millis(1)
-        ));
+        assert!(!ledger.grant(chunk(1), y, t0 + ms(100), pulling));
+        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY - ms(1), pulling));
         // ...but gets other chunks, and the first puller may ask again (a lost stream).
-        assert!(ledger.grant(chunk(2), y, true, t0));
-        assert!(ledger.grant(chunk(1), x, true, t0 + Duration::from_millis(500)));
+        assert!(ledger.grant(chunk(2), y, t0, pulling));
+        assert!(ledger.grant(chunk(1), x, t0 + ms(500), pulling));
         // Once the memory of the last grant (500 ms) has passed, anyone gets it: a puller that
         // died with the only copy delays the others by at most SEED_MEMORY.
-        assert!(!ledger.grant(chunk(1), y, true, t0 + SEED_MEMORY));
-        assert!(ledger.grant(
-            chunk(1),
-            y,
-            true,
-            t0 + Duration::from_millis(500) + SEED_MEMORY
-        ));
-        // A puller without fellow pullers is always served (there is nobody to send it to),
-        // and the grant counts against the others.
-        assert!(ledger.grant(chunk(3), x, true, t0));
-        assert!(ledger.grant(chunk(3), y, false, t0));
-        assert!(!ledger.grant(chunk(3), x, true, t0 + Duration::from_millis(1)));
+        assert!(!ledger.grant(chunk(1), y, t0 + SEED_MEMORY, pulling));
+        assert!(ledger.grant(chunk(1), y, t0 + ms(500) + SEED_MEMORY, pulling));
+        // Once the first puller holds the whole blob it is a holder like this one, and the
+        // asker is served at once (nobody is pulling it to trade with).
+        assert!(ledger.grant(chunk(3), x, t0, pulling));
+        assert!(!ledger.grant(chunk(3), y, t0 + ms(1), pulling));
+        assert!(ledger.grant(chunk(3), y, t0 + ms(1), |p| *p == x));
     }
 
     #[test]
@@ -1071,10 +1071,10 @@ mod tests {
         let t0 = Instant::now();
         let mut ledger = SeedLedger::default();
         for n in 0..LEDGER_PRUNE_AT as u32 {
-            ledger.grant(Hash::of(&n.to_le_bytes()), x, true, t0);
+            ledger.grant(Hash::of(&n.to_le_bytes()), x, t0, pulling);
         }
         assert_eq!(ledger.given.len(), LEDGER_PRUNE_AT);
-        ledger.grant(chunk(1), x, true, t0 + SEED_MEMORY);
+        ledger.grant(chunk(1), x, t0 + SEED_MEMORY, pulling);
         assert_eq!(ledger.given.len(), 1, "only the fresh grant is left");
     }
 
