@@ -459,12 +459,30 @@ impl Drop for Writing {
 }
 
 impl Pull {
+    /// A pull of `blob` that still has to fetch the chunks at the indexes in `queue`.
+    fn new(blob: Hash, list: ChunkList, queue: Vec<usize>) -> Self {
+        Self {
+            blob,
+            remaining: AtomicU64::new(queue.len() as u64),
+            done: AtomicBool::new(queue.is_empty()),
+            queue: Mutex::new(queue),
+            list,
+            peer_has: Mutex::new(HashMap::new()),
+            written: Mutex::new(Vec::new()),
+            deferred: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            stored: Mutex::new(HashSet::new()),
+            puts: WritesInFlight::default(),
+        }
+    }
+
     fn has_bit(bits: &[u8], i: usize) -> bool {
         bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     /// Takes up to `n` chunks for `source`: from a fellow puller only chunks it has; from a
     /// holder, chunks no fellow puller has first (unless `any`).
+    ///
     /// Chunks a holder sent elsewhere ([`SeedLedger`]) wait [`ELSEWHERE_BACKOFF`] before a
     /// holder is asked for them again, and a fellow puller that has them is asked for them
     /// before anything else.
@@ -642,19 +660,7 @@ pub async fn fetch(
         use rand::seq::SliceRandom;
         queue.shuffle(&mut rand::rng());
     }
-    let pull = Arc::new(Pull {
-        blob,
-        remaining: AtomicU64::new(queue.len() as u64),
-        done: AtomicBool::new(queue.is_empty()),
-        queue: Mutex::new(queue),
-        list,
-        peer_has: Mutex::new(HashMap::new()),
-        written: Mutex::new(Vec::new()),
-        deferred: Mutex::new(HashMap::new()),
-        inflight: Mutex::new(HashMap::new()),
-        stored: Mutex::new(HashSet::new()),
-        puts: WritesInFlight::default(),
-    });
+    let pull = Arc::new(Pull::new(blob, list, queue));
     let progress = Arc::new(progress);
     let mut workers = tokio::task::JoinSet::new();
     let mut started: HashSet<PeerId> = HashSet::new();
@@ -1083,19 +1089,7 @@ mod tests {
             size: (chunks * super::super::store::CHUNK_SIZE) as u64,
             chunks: (0..chunks).map(|n| chunk(n as u8)).collect(),
         };
-        Pull {
-            blob: list.hash(),
-            remaining: AtomicU64::new(chunks as u64),
-            done: AtomicBool::new(false),
-            queue: Mutex::new((0..chunks).collect()),
-            list,
-            peer_has: Mutex::new(HashMap::new()),
-            written: Mutex::new(Vec::new()),
-            deferred: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
-            stored: Mutex::new(HashSet::new()),
-            puts: WritesInFlight::default(),
-        }
+        Pull::new(list.hash(), list, (0..chunks).collect())
     }
 
     #[test]
