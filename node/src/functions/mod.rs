@@ -17,6 +17,7 @@
 //!   GB-seconds, on `/metrics` and through `meshctl fn stats` (summed over all nodes).
 
 pub mod call_threads;
+pub mod memory_pool;
 pub mod runtime;
 pub mod triggers;
 

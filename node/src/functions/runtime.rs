@@ -104,6 +104,7 @@ use wasmer_wasix::{
 };
 
 use super::call_threads::CallThreads;
+use super::memory_pool::MemoryPool;
 
 /// Most bytes of standard output (the CGI response) a call may write; more
 /// fails the call with [`InvokeError::OutputTooLarge`].
@@ -486,6 +487,8 @@ pub struct FunctionRuntime {
     runaway: Arc<AtomicUsize>,
     /// The threads calls run on, reused from call to call.
     threads: CallThreads,
+    /// Linear memories, reused from call to call.
+    memory_pool: Arc<MemoryPool>,
 }
 
 impl fmt::Debug for FunctionRuntime {
@@ -546,6 +549,7 @@ impl FunctionRuntime {
             temp_counter: AtomicU64::new(0),
             runaway: Arc::new(AtomicUsize::new(0)),
             threads: CallThreads::default(),
+            memory_pool: Arc::new(MemoryPool::new()),
         })
     }
 
@@ -759,6 +763,7 @@ impl FunctionRuntime {
             stderr: stderr.clone(),
             max_pages: limits.max_pages(),
             memory_hit: memory_hit.clone(),
+            memory_pool: self.memory_pool.clone(),
             budget,
             kill: kill.clone(),
             scratch,
@@ -1379,6 +1384,7 @@ struct Call {
     stderr: Capture,
     max_pages: Pages,
     memory_hit: Arc<AtomicBool>,
+    memory_pool: Arc<MemoryPool>,
     budget: u64,
     kill: Arc<KillSwitch>,
     scratch: Option<PathBuf>,
@@ -1438,6 +1444,7 @@ impl Call {
             base: BaseTunables::new(),
             max_pages: self.max_pages,
             hit: self.memory_hit,
+            pool: self.memory_pool,
         });
         let mut store = Store::new(engine);
         // Host file I/O (a scratch directory) runs on the WASI task runtime.
@@ -1554,6 +1561,8 @@ struct LimitingTunables {
     base: BaseTunables,
     max_pages: Pages,
     hit: Arc<AtomicBool>,
+    /// Where the module's own linear memory comes from (reused between calls).
+    pool: Arc<MemoryPool>,
 }
 
 impl LimitingTunables {
@@ -1611,11 +1620,20 @@ impl Tunables for LimitingTunables {
         vm_definition_location: NonNull<VMMemoryDefinition>,
     ) -> Result<VMMemory, MemoryError> {
         let ty = self.limit(ty)?;
+        // A static memory of our own (all a wasm32 module gets) comes from the pool;
+        // anything else from Wasmer.
         // SAFETY: forwarded unchanged from wasmer, which guarantees that
         // `vm_definition_location` points to a valid memory definition.
-        let memory = unsafe {
-            self.base
-                .create_vm_memory(&ty, style, vm_definition_location)?
+        let memory = if *style == MemoryStyle::Static && !ty.shared {
+            VMMemory::from(
+                Box::new(unsafe { self.pool.create(&ty, vm_definition_location)? })
+                    as Box<dyn LinearMemory + Send + Sync + 'static>,
+            )
+        } else {
+            unsafe {
+                self.base
+                    .create_vm_memory(&ty, style, vm_definition_location)?
+            }
         };
         Ok(self.wrap(memory))
     }
@@ -2156,6 +2174,7 @@ mod tests {
             stderr: Capture::new(1024, false),
             max_pages: limits.max_pages(),
             memory_hit: Arc::new(AtomicBool::new(false)),
+            memory_pool: runtime.memory_pool.clone(),
             budget: limits.fuel_budget(),
             kill: Arc::default(),
             scratch: None,
@@ -2205,6 +2224,42 @@ mod tests {
             other => panic!("expected MemoryLimit, got {other:?}"),
         }
         assert_eq!(err.http_status(), 502);
+    }
+
+    #[test]
+    fn a_call_never_sees_the_memory_of_an_earlier_call() {
+        // Linear memories are pooled (`memory_pool`): each call checks that the bytes the
+        // previous one wrote, in its first page and in a page it grew, read as zero, and
+        // traps otherwise; then writes them and grows further, leaving a bigger memory
+        // behind.
+        let (_dir, runtime) = runtime();
+        let wasm = wat::parse_str(
+            r#"(module (memory (export "memory") 2)
+                (func (export "_start")
+                  (if (i32.ne (i32.load (i32.const 1000)) (i32.const 0)) (then unreachable))
+                  (i32.store (i32.const 1000) (i32.const 42))
+                  (drop (memory.grow (i32.const 40)))
+                  (if (i32.ne (i32.load (i32.const 2621000)) (i32.const 0)) (then unreachable))
+                  (i32.store (i32.const 2621000) (i32.const 7))
+                  (if (i32.ne (i32.load (i32.const 100000)) (i32.const 0)) (then unreachable))
+                  (i32.store (i32.const 100000) (i32.const 9))))"#,
+        )
+        .unwrap();
+        let (module, _) = load(&runtime, &wasm).unwrap();
+        for round in 0..5 {
+            runtime
+                .invoke(&module, get(""), &limits())
+                .unwrap_or_else(|err| panic!("call {round}: {err:?}"));
+        }
+        // And a smaller memory after a bigger one: the pages beyond it are out of bounds.
+        let small = wat::parse_str(
+            r#"(module (memory (export "memory") 1)
+                (func (export "_start") (drop (i32.load (i32.const 100000)))))"#,
+        )
+        .unwrap();
+        let (small, _) = load(&runtime, &small).unwrap();
+        let err = runtime.invoke(&small, get(""), &limits()).unwrap_err();
+        assert!(matches!(err, InvokeError::Trap { .. }), "{err:?}");
     }
 
     #[test]
