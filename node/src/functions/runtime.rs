@@ -64,6 +64,7 @@
 //! leaks from one request to the next. That costs well under a millisecond
 //! per call for small modules.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
@@ -71,7 +72,7 @@ use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -1436,26 +1437,45 @@ impl KillSwitch {
 
 impl Call {
     /// Instantiates and runs `_start`; returns the metering points used.
-    fn run(self) -> Result<u64, Failure> {
-        // Same compiled code and signature registry as the shared engine,
-        // but this call's memory cap.
-        let mut engine = self.engine;
-        engine.set_tunables(LimitingTunables {
-            base: BaseTunables::new(),
-            max_pages: self.max_pages,
-            hit: self.memory_hit,
-            pool: self.memory_pool,
-        });
-        let mut store = Store::new(engine);
+    fn run(mut self) -> Result<u64, Failure> {
         // Host file I/O (a scratch directory) runs on the WASI task runtime.
-        let _tasks = self.tasks.enter();
+        let tasks = self.tasks.clone();
+        let _tasks = tasks.enter();
+        let env = self.wasi_env()?;
+        let owner = Arc::as_ptr(&self.memory_pool) as usize;
+        let reused = CALL_STORE
+            .with(|slot| slot.borrow_mut().take())
+            .filter(|kept| kept.owner == owner && kept.calls < CALLS_PER_STORE);
+        let mut kept = match reused {
+            Some(mut kept) => {
+                // The previous call's environment goes; the host functions stay.
+                *kept.wasi_env.data_mut(&mut kept.store) = env;
+                kept
+            }
+            None => CallStore::new(self.engine, self.memory_pool, env),
+        };
+        kept.calls += 1;
+        kept.cap.set(self.max_pages, self.memory_hit);
+        let outcome = kept.run(&self.module, &self.kill, self.budget);
+        if outcome.is_ok() {
+            CALL_STORE.with(|slot| *slot.borrow_mut() = Some(kept));
+        }
+        outcome
+    }
+
+    /// The call's WASI environment: arguments, variables, standard streams and files
+    /// (the arguments, variables and body move into it).
+    fn wasi_env(&mut self) -> Result<WasiEnv, Failure> {
         let mut builder = WasiEnv::builder("function")
-            .args(self.args)
-            .envs(self.env)
-            .stdin(Box::new(self.stdin))
-            .stdout(Box::new(self.stdout))
-            .stderr(Box::new(self.stderr))
-            .runtime(self.wasi_runtime);
+            .args(std::mem::take(&mut self.args))
+            .envs(std::mem::take(&mut self.env))
+            .stdin(Box::new(std::mem::replace(
+                &mut self.stdin,
+                Body::new(Vec::new()),
+            )))
+            .stdout(Box::new(self.stdout.clone()))
+            .stderr(Box::new(self.stderr.clone()))
+            .runtime(self.wasi_runtime.clone());
         match &self.scratch {
             None => {
                 let no_files: Arc<dyn virtual_fs::FileSystem + Send + Sync> =
@@ -1479,19 +1499,76 @@ impl Call {
                     .map_err(|e| setup(&e))?;
             }
         }
-        let env = builder.build().map_err(|err| match err {
+        builder.build().map_err(|err| match err {
             wasmer_wasix::WasiRuntimeError::Init(err) => Failure::Setup(err.to_string()),
             other => Failure::Instantiate(other.to_string()),
-        })?;
-        let mut wasi_env = WasiFunctionEnv::new(&mut store, env);
+        })
+    }
+}
+
+/// Calls one store serves before its call thread drops it (see [`CallStore`]).
+const CALLS_PER_STORE: u32 = 16;
+
+thread_local! {
+    /// The store this call thread reuses, between its calls (see [`CallStore`]).
+    static CALL_STORE: RefCell<Option<CallStore>> = const { RefCell::new(None) };
+}
+
+/// A store that a call thread keeps from one call to the next, with the WASI preview 1
+/// host functions already in it: building those (signature registration, an index map
+/// of ~45 names) cost about an eighth of a warm call. Each call still gets a fresh WASI
+/// environment (put into the same function environment) and a fresh instance, so no
+/// state passes from call to call. A store frees nothing until it is dropped, though:
+/// every call's instance, with its linear memory, stays in it until then. So a store
+/// serves at most [`CALLS_PER_STORE`] calls, and none after a call that failed.
+struct CallStore {
+    /// Which runtime's engine and memory pool the store belongs to (the pool's address).
+    owner: usize,
+    store: Store,
+    wasi_env: WasiFunctionEnv,
+    imports: wasmer::Imports,
+    /// The current call's memory cap, which the store's tunables read.
+    cap: Arc<MemoryCap>,
+    calls: u32,
+}
+
+impl CallStore {
+    fn new(engine: Engine, pool: Arc<MemoryPool>, env: WasiEnv) -> Self {
+        let owner = Arc::as_ptr(&pool) as usize;
+        let cap = Arc::new(MemoryCap::default());
+        // Same compiled code and signature registry as the shared engine, but tunables
+        // that apply the current call's memory cap.
+        let mut engine = engine;
+        engine.set_tunables(LimitingTunables {
+            base: BaseTunables::new(),
+            cap: cap.clone(),
+            pool,
+        });
+        let mut store = Store::new(engine);
+        let wasi_env = WasiFunctionEnv::new(&mut store, env);
         // Only the preview 1 functions (all a module may import, see `check_interface`):
         // `WasiEnvBuilder::instantiate` would create the host functions of every WASI and
         // WASIX version for every call, about a fifth of a warm call's CPU.
         let imports =
             generate_import_object_from_env(&mut store, &wasi_env.env, WasiVersion::Snapshot1);
-        let instantiated = match wasmer::Instance::new(&mut store, &self.module, &imports) {
+        Self {
+            owner,
+            store,
+            wasi_env,
+            imports,
+            cap,
+            calls: 0,
+        }
+    }
+
+    /// Instantiates `module` with the current environment and runs its `_start`.
+    fn run(&mut self, module: &Module, kill: &KillSwitch, budget: u64) -> Result<u64, Failure> {
+        let Self {
+            store, wasi_env, ..
+        } = self;
+        let instantiated = match wasmer::Instance::new(store, module, &self.imports) {
             Ok(instance) => wasi_env
-                .initialize(&mut store, instance.clone())
+                .initialize(store, instance.clone())
                 .map(|()| instance)
                 .map_err(|err| err.to_string()),
             Err(err) => Err(err.to_string()),
@@ -1500,27 +1577,27 @@ impl Call {
             Ok(instance) => instance,
             Err(message) => {
                 wasi_env
-                    .data(&store)
+                    .data(store)
                     .blocking_on_exit(Some(Errno::Noexec.into()));
                 return Err(Failure::Instantiate(message));
             }
         };
-        if !self.kill.arm(wasi_env.data(&store).process.clone()) {
+        if !kill.arm(wasi_env.data(store).process.clone()) {
             wasi_env
-                .data(&store)
+                .data(store)
                 .blocking_on_exit(Some(Errno::Timedout.into()));
             return Err(Failure::Exhausted);
         }
-        set_remaining_points(&mut store, &instance, self.budget);
+        set_remaining_points(store, &instance, budget);
         let start = instance
             .exports
             .get_function("_start")
             .map_err(|err| Failure::Instantiate(err.to_string()))?
             .clone();
-        let result = start.call(&mut store, &[]);
-        let (fuel_used, exhausted) = match get_remaining_points(&mut store, &instance) {
-            MeteringPoints::Remaining(left) => (self.budget.saturating_sub(left), false),
-            MeteringPoints::Exhausted => (self.budget, true),
+        let result = start.call(store, &[]);
+        let (fuel_used, exhausted) = match get_remaining_points(store, &instance) {
+            MeteringPoints::Remaining(left) => (budget.saturating_sub(left), false),
+            MeteringPoints::Exhausted => (budget, true),
         };
         let (exit_code, outcome) = match result {
             Ok(_) => (0u16.into(), Ok(fuel_used)),
@@ -1532,9 +1609,35 @@ impl Call {
                 Err(err) => (Errno::Noexec.into(), Err(Failure::Trap(trap_message(&err)))),
             },
         };
-        self.kill.disarm();
-        wasi_env.data(&store).blocking_on_exit(Some(exit_code));
+        kill.disarm();
+        wasi_env.data(store).blocking_on_exit(Some(exit_code));
         outcome
+    }
+}
+
+/// The memory cap of the call a [`CallStore`] runs now, for its tunables.
+#[derive(Debug, Default)]
+struct MemoryCap {
+    max_pages: AtomicU32,
+    /// Set when the call's memory hits the cap (shared with the caller).
+    hit: Mutex<Arc<AtomicBool>>,
+}
+
+impl MemoryCap {
+    fn set(&self, max_pages: Pages, hit: Arc<AtomicBool>) {
+        self.max_pages.store(max_pages.0, Ordering::SeqCst);
+        *self.hit.lock().unwrap_or_else(PoisonError::into_inner) = hit;
+    }
+
+    fn max_pages(&self) -> Pages {
+        Pages(self.max_pages.load(Ordering::SeqCst))
+    }
+
+    fn hit(&self) -> Arc<AtomicBool> {
+        self.hit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -1559,8 +1662,8 @@ fn trap_message(err: &wasmer::RuntimeError) -> String {
 /// allocation or growth in `hit`.
 struct LimitingTunables {
     base: BaseTunables,
-    max_pages: Pages,
-    hit: Arc<AtomicBool>,
+    /// The running call's cap.
+    cap: Arc<MemoryCap>,
     /// Where the module's own linear memory comes from (reused between calls).
     pool: Arc<MemoryPool>,
 }
@@ -1569,25 +1672,23 @@ impl LimitingTunables {
     /// The memory type with its maximum lowered to the cap; an error (and
     /// `hit`) if even its minimum is above the cap.
     fn limit(&self, ty: &MemoryType) -> Result<MemoryType, MemoryError> {
-        if ty.minimum > self.max_pages {
-            self.hit.store(true, Ordering::SeqCst);
+        let max_pages = self.cap.max_pages();
+        if ty.minimum > max_pages {
+            self.cap.hit().store(true, Ordering::SeqCst);
             return Err(MemoryError::MinimumMemoryTooLarge {
                 min_requested: ty.minimum,
-                max_allowed: self.max_pages,
+                max_allowed: max_pages,
             });
         }
         let mut limited = *ty;
-        limited.maximum = Some(
-            ty.maximum
-                .map_or(self.max_pages, |max| max.min(self.max_pages)),
-        );
+        limited.maximum = Some(ty.maximum.map_or(max_pages, |max| max.min(max_pages)));
         Ok(limited)
     }
 
     fn wrap(&self, memory: VMMemory) -> VMMemory {
         let recording: Box<dyn LinearMemory + Send + Sync + 'static> = Box::new(RecordingMemory {
             inner: memory,
-            hit: self.hit.clone(),
+            hit: self.cap.hit(),
         });
         VMMemory::from(recording)
     }
@@ -2246,7 +2347,8 @@ mod tests {
         )
         .unwrap();
         let (module, _) = load(&runtime, &wasm).unwrap();
-        for round in 0..5 {
+        // Enough calls for call threads to drop their stores and reuse the memories.
+        for round in 0..(2 * CALLS_PER_STORE + 3) {
             runtime
                 .invoke(&module, get(""), &limits())
                 .unwrap_or_else(|err| panic!("call {round}: {err:?}"));
@@ -2260,6 +2362,34 @@ mod tests {
         let (small, _) = load(&runtime, &small).unwrap();
         let err = runtime.invoke(&small, get(""), &limits()).unwrap_err();
         assert!(matches!(err, InvokeError::Trap { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn calls_in_a_reused_store_get_their_own_request_and_memory_cap() {
+        // Call threads keep their store for several calls (`CallStore`): each call must
+        // still see only its own request, and its own function's memory cap.
+        let (_dir, runtime) = runtime();
+        let (hello, _) = load(&runtime, &example("hello")).unwrap();
+        let (grow, _) = load(&runtime, &example("grow")).unwrap();
+        let small = Limits::new(32 * 1024 * 1024, Duration::from_secs(10));
+        for round in 0..(2 * CALLS_PER_STORE) {
+            let name = format!("n{round}");
+            let resp = runtime
+                .invoke(&hello, get(&format!("name={name}")), &limits())
+                .unwrap();
+            assert!(
+                text(&resp.body).starts_with(&format!("hello, {name}\n")),
+                "round {round}: {}",
+                text(&resp.body)
+            );
+            if round % 5 == 4 {
+                let err = runtime.invoke(&grow, get(""), &small).unwrap_err();
+                assert!(
+                    matches!(err, InvokeError::MemoryLimit { limit, .. } if limit == 32 * 1024 * 1024),
+                    "round {round}: {err:?}"
+                );
+            }
+        }
     }
 
     #[test]
