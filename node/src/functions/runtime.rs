@@ -1456,7 +1456,12 @@ impl Call {
         };
         kept.calls += 1;
         kept.cap.set(self.max_pages, self.memory_hit);
-        let outcome = kept.run(&self.module, &self.kill, self.budget);
+        let outcome = kept.run(
+            &self.module,
+            &self.kill,
+            self.budget,
+            self.scratch.is_some(),
+        );
         if outcome.is_ok() {
             CALL_STORE.with(|slot| *slot.borrow_mut() = Some(kept));
         }
@@ -1562,7 +1567,26 @@ impl CallStore {
     }
 
     /// Instantiates `module` with the current environment and runs its `_start`.
-    fn run(&mut self, module: &Module, kill: &KillSwitch, budget: u64) -> Result<u64, Failure> {
+    ///
+    /// `with_files`: the call has host files (a scratch directory), which are closed and
+    /// flushed when it ends; without, the end only marks the WASI process as exited
+    /// (WASI's full exit would also start and abort a 10-second cleanup timer on the
+    /// task runtime, a cross-thread wake-up per call, to close nothing but the
+    /// in-memory standard streams).
+    fn run(
+        &mut self,
+        module: &Module,
+        kill: &KillSwitch,
+        budget: u64,
+        with_files: bool,
+    ) -> Result<u64, Failure> {
+        let end = |env: &WasiEnv, code: wasmer_wasix::types::wasi::ExitCode| {
+            if with_files {
+                env.blocking_on_exit(Some(code));
+            } else {
+                env.process.terminate(code);
+            }
+        };
         let Self {
             store, wasi_env, ..
         } = self;
@@ -1576,16 +1600,12 @@ impl CallStore {
         let instance = match instantiated {
             Ok(instance) => instance,
             Err(message) => {
-                wasi_env
-                    .data(store)
-                    .blocking_on_exit(Some(Errno::Noexec.into()));
+                end(wasi_env.data(store), Errno::Noexec.into());
                 return Err(Failure::Instantiate(message));
             }
         };
         if !kill.arm(wasi_env.data(store).process.clone()) {
-            wasi_env
-                .data(store)
-                .blocking_on_exit(Some(Errno::Timedout.into()));
+            end(wasi_env.data(store), Errno::Timedout.into());
             return Err(Failure::Exhausted);
         }
         set_remaining_points(store, &instance, budget);
@@ -1610,7 +1630,7 @@ impl CallStore {
             },
         };
         kill.disarm();
-        wasi_env.data(store).blocking_on_exit(Some(exit_code));
+        end(wasi_env.data(store), exit_code);
         outcome
     }
 }
