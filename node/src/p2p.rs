@@ -1041,6 +1041,9 @@ impl MeshNetwork {
                         .reconcile(&covered, entries);
                     match result {
                         Ok(merged) => {
+                            if !merged.applied.is_empty() {
+                                self.node.state_changed();
+                            }
                             self.count_synced(peer, &merged);
                             if !merged.to_push.is_empty() {
                                 self.swarm

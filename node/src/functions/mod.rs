@@ -362,6 +362,11 @@ pub struct Functions {
     /// Parsed specs by name, with the state bytes they were parsed from: a call looks its
     /// function up, and parsing the JSON each time was a few percent of a warm call.
     parsed: Mutex<HashMap<String, (Vec<u8>, FunctionSpec)>>,
+    /// Whether this node holds a claim on a function, by the state generation it was
+    /// read at: every call asks, and reading the claims parses them.
+    claimed_here: Mutex<HashMap<String, (u64, bool)>>,
+    /// This node's peer id as claims name it.
+    self_id: String,
 }
 
 impl Functions {
@@ -372,7 +377,6 @@ impl Functions {
         cache_dir: std::path::PathBuf,
     ) -> Arc<Self> {
         let this = Arc::new(Self {
-            node,
             registry,
             runtime: std::sync::OnceLock::new(),
             cache_dir,
@@ -381,6 +385,9 @@ impl Functions {
             stats: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
+            claimed_here: Mutex::new(HashMap::new()),
+            self_id: node.peer_id.to_string(),
+            node,
         });
         Self::register_rpc(&this);
         this
@@ -616,6 +623,26 @@ impl Functions {
         nodes
     }
 
+    /// Whether this node holds a claim on the function (then calls run here).
+    fn is_claimed_here(&self, name: &str) -> bool {
+        let generation = self.node.state_generation();
+        if let Some((at, claimed)) = self.claimed_here.lock().expect("claims lock").get(name)
+            && *at == generation
+        {
+            return *claimed;
+        }
+        // Read after the generation: a change meanwhile makes the next call read again.
+        let claimed = Scheduler::claims_of(&self.node, &format!("{FN_PREFIX}{name}"))
+            .iter()
+            .any(|c| c.node == self.self_id);
+        let mut cache = self.claimed_here.lock().expect("claims lock");
+        if cache.len() > 4096 {
+            cache.clear();
+        }
+        cache.insert(name.to_string(), (generation, claimed));
+        claimed
+    }
+
     /// Invokes a function from any node: here when this node is warm for it, else on a
     /// warm node, else here anyway.
     pub async fn invoke(
@@ -627,6 +654,9 @@ impl Functions {
             return Err(FunctionError::TooLarge);
         }
         let spec = self.spec(name)?;
+        if self.is_claimed_here(name) {
+            return self.run_here(spec, request).await;
+        }
         let claimed = self.claimed_nodes(name);
         if claimed.is_empty() || claimed[0] == self.node.peer_id {
             return self.run_here(spec, request).await;

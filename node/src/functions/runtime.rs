@@ -756,6 +756,7 @@ impl FunctionRuntime {
         let call = Call {
             engine: self.engine.clone(),
             module: module.module.clone(),
+            module_hash: module.hash(),
             wasi_runtime: self.wasi_runtime.clone(),
             args: req.args,
             env,
@@ -1377,6 +1378,8 @@ fn panicked() -> InvokeError {
 struct Call {
     engine: Engine,
     module: Module,
+    /// The module's blake3 hash (WASI wants a module hash; it would draw a random one).
+    module_hash: [u8; 32],
     wasi_runtime: Arc<PluggableRuntime>,
     args: Vec<String>,
     env: BTreeMap<String, String>,
@@ -1481,6 +1484,7 @@ impl Call {
             .stdout(Box::new(self.stdout.clone()))
             .stderr(Box::new(self.stderr.clone()))
             .runtime(self.wasi_runtime.clone());
+        builder.set_module_hash(wasmer_types::ModuleHash::from_bytes(self.module_hash));
         match &self.scratch {
             None => {
                 let no_files: Arc<dyn virtual_fs::FileSystem + Send + Sync> =
@@ -2287,6 +2291,7 @@ mod tests {
         let call = Call {
             engine: runtime.engine.clone(),
             module: spin.module.clone(),
+            module_hash: spin.hash(),
             wasi_runtime: runtime.wasi_runtime.clone(),
             args: Vec::new(),
             env: BTreeMap::new(),
