@@ -60,9 +60,14 @@
 //! # Cost model
 //!
 //! The compiled [`wasmer::Module`] and the engine are shared by all calls;
-//! each call gets a fresh `Store`, WASI environment and instance, so no state
-//! leaks from one request to the next. That costs well under a millisecond
-//! per call for small modules.
+//! each call gets a fresh WASI environment, instance and linear memory, so no
+//! state leaks from one request to the next. What can be reused without
+//! sharing state is: the call threads ([`super::call_threads`]), the store
+//! with the WASI host functions in it (a call thread keeps it for up to
+//! [`CALLS_PER_STORE`] calls, see [`CallStore`]), and the linear memories'
+//! reservations, zeroed between calls ([`super::memory_pool`]). A warm call
+//! of the `hello` example costs about 40 µs of CPU in all (HTTP included;
+//! `bench/fn` in `bench/README.md`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
