@@ -783,6 +783,9 @@ impl FunctionRuntime {
                 if !deliver(call.run()) {
                     runaway.fetch_sub(1, Ordering::SeqCst);
                 }
+                // After the answer is out: a store that served its last call goes now
+                // (zeroing its memories), not at the start of the thread's next call.
+                CallStore::retire_if_spent();
             })
             .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
         Ok(StartedCall {
@@ -1453,7 +1456,7 @@ impl Call {
         let owner = Arc::as_ptr(&self.memory_pool) as usize;
         let reused = CALL_STORE
             .with(|slot| slot.borrow_mut().take())
-            .filter(|kept| kept.owner == owner && kept.calls < CALLS_PER_STORE);
+            .filter(|kept| kept.owner == owner && !kept.spent());
         let mut kept = match reused {
             Some(mut kept) => {
                 // The previous call's environment goes; the host functions stay.
@@ -1573,6 +1576,24 @@ impl CallStore {
             cap,
             calls: 0,
         }
+    }
+
+    /// Whether the store has served all the calls it may.
+    fn spent(&self) -> bool {
+        self.calls >= CALLS_PER_STORE
+    }
+
+    /// Drops this thread's kept store if it is spent.
+    fn retire_if_spent() {
+        let spent = CALL_STORE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if slot.as_ref().is_some_and(CallStore::spent) {
+                slot.take()
+            } else {
+                None
+            }
+        });
+        drop(spent);
     }
 
     /// Instantiates `module` with the current environment and runs its `_start`.
