@@ -811,7 +811,7 @@ impl FunctionRuntime {
         outcome: Result<u64, Failure>,
         limits: &Limits,
     ) -> Result<CgiResponse, InvokeError> {
-        let stderr_bytes = call.stderr.contents();
+        let stderr_bytes = call.stderr.take();
         let fuel_used = match outcome {
             Ok(fuel_used) => fuel_used,
             Err(failure) => {
@@ -829,9 +829,9 @@ impl FunctionRuntime {
             });
         }
         let (status, headers, body) = if call.raw_output {
-            (200, Vec::new(), call.stdout.contents())
+            (200, Vec::new(), call.stdout.take())
         } else {
-            parse_cgi_output(call.stdout.contents())?
+            parse_cgi_output(call.stdout.take())?
         };
         Ok(CgiResponse {
             status,
@@ -1474,6 +1474,9 @@ impl Call {
             self.scratch.is_some(),
         );
         if outcome.is_ok() {
+            // What the kept environment still refers to: the body here, the output
+            // taken by the caller (`Capture::take`).
+            self.stdin.release();
             CALL_STORE.with(|slot| *slot.borrow_mut() = Some(kept));
         }
         outcome
@@ -1485,10 +1488,7 @@ impl Call {
         let mut builder = WasiEnv::builder("function")
             .args(std::mem::take(&mut self.args))
             .envs(std::mem::take(&mut self.env))
-            .stdin(Box::new(std::mem::replace(
-                &mut self.stdin,
-                Body::new(Vec::new()),
-            )))
+            .stdin(Box::new(self.stdin.clone()))
             .stdout(Box::new(self.stdout.clone()))
             .stderr(Box::new(self.stderr.clone()))
             .runtime(self.wasi_runtime.clone());
@@ -1863,29 +1863,54 @@ impl LinearMemory for RecordingMemory {
     }
 }
 
-/// Standard input: the request body, then end of file.
-#[derive(Debug)]
+/// Standard input: the request body, then end of file. Clones share the body, so the call
+/// can let go of it when it ends ([`Body::release`]) though its WASI environment, kept in
+/// the thread's store until the next call, still holds a clone.
+#[derive(Debug, Clone)]
 struct Body {
+    state: Arc<Mutex<BodyState>>,
+}
+
+#[derive(Debug)]
+struct BodyState {
     data: Vec<u8>,
     pos: usize,
 }
 
 impl Body {
     fn new(data: Vec<u8>) -> Self {
-        Self { data, pos: 0 }
+        Self {
+            state: Arc::new(Mutex::new(BodyState { data, pos: 0 })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BodyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Frees the body's bytes; reads see end of file from now on.
+    fn release(&self) {
+        let mut state = self.lock();
+        state.data = Vec::new();
+        state.pos = 0;
+    }
+
+    fn unread(&self) -> usize {
+        let state = self.lock();
+        state.data.len() - state.pos
     }
 }
 
 impl AsyncRead for Body {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let n = buf.remaining().min(this.data.len() - this.pos);
-        buf.put_slice(&this.data[this.pos..this.pos + n]);
-        this.pos += n;
+        let mut state = self.lock();
+        let n = buf.remaining().min(state.data.len() - state.pos);
+        buf.put_slice(&state.data[state.pos..state.pos + n]);
+        state.pos += n;
         Poll::Ready(Ok(()))
     }
 }
@@ -1920,7 +1945,7 @@ impl AsyncSeek for Body {
     }
 
     fn poll_complete(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        Poll::Ready(Ok(self.pos as u64))
+        Poll::Ready(Ok(self.lock().pos as u64))
     }
 }
 
@@ -1938,7 +1963,7 @@ impl VirtualFile for Body {
     }
 
     fn size(&self) -> u64 {
-        self.data.len() as u64
+        self.lock().data.len() as u64
     }
 
     fn set_len(&mut self, _new_size: u64) -> virtual_fs::Result<()> {
@@ -1950,7 +1975,7 @@ impl VirtualFile for Body {
     }
 
     fn poll_read_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(self.data.len() - self.pos))
+        Poll::Ready(Ok(self.unread()))
     }
 
     fn poll_write_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -1991,8 +2016,9 @@ impl Capture {
     }
 
     /// A copy of what was written so far.
-    fn contents(&self) -> Vec<u8> {
-        self.lock().data.clone()
+    /// The bytes written so far, taken out (a second call gets only what came after).
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut self.lock().data)
     }
 
     fn overflowed(&self) -> bool {
@@ -2852,6 +2878,40 @@ mod tests {
     }
 
     #[test]
+    fn a_released_body_frees_its_bytes_for_every_clone() {
+        // The kept store's WASI environment holds a clone of the body until the thread's
+        // next call; releasing it after the call must free the bytes there too.
+        let body = Body::new(b"payload".to_vec());
+        let mut in_env = body.clone();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut bytes = [0u8; 3];
+        let mut buf = ReadBuf::new(&mut bytes);
+        assert!(
+            Pin::new(&mut in_env)
+                .poll_read(&mut cx, &mut buf)
+                .is_ready()
+        );
+        assert_eq!(buf.filled(), b"pay");
+        assert_eq!(in_env.unread(), 4);
+        body.release();
+        assert_eq!(in_env.size(), 0);
+        let mut buf = ReadBuf::new(&mut bytes);
+        assert!(
+            Pin::new(&mut in_env)
+                .poll_read(&mut cx, &mut buf)
+                .is_ready()
+        );
+        assert!(buf.filled().is_empty(), "end of file after release");
+
+        let capture = Capture::new(10, false);
+        let mut writer = capture.clone();
+        assert!(Pin::new(&mut writer).poll_write(&mut cx, b"abc").is_ready());
+        assert_eq!(capture.take(), b"abc");
+        assert!(writer.take().is_empty(), "taking empties the shared buffer");
+    }
+
+    #[test]
     fn oversized_output_is_refused() {
         let mut capture = Capture::new(10, true);
         let waker = std::task::Waker::noop();
@@ -2865,14 +2925,14 @@ mod tests {
             Poll::Ready(Err(_))
         ));
         assert!(capture.overflowed());
-        assert_eq!(capture.contents(), b"12345");
+        assert_eq!(capture.take(), b"12345");
 
         let mut stderr = Capture::new(10, false);
         assert!(matches!(
             Pin::new(&mut stderr).poll_write(&mut cx, b"123456789012"),
             Poll::Ready(Ok(12))
         ));
-        assert_eq!(stderr.contents(), b"1234567890");
+        assert_eq!(stderr.take(), b"1234567890");
     }
 
     #[test]
