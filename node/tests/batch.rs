@@ -13,6 +13,13 @@ use meshwork_proto::v1 as pb;
 
 const SOCKET: &str = common::CONTAINERD_SOCKET;
 
+/// The node-loss test runs alone (write lock); the others share (read locks). It asserts
+/// that only the killed node's attempts are marked lost, and with the other tests' nodes
+/// beside it on a 2-core CI machine a CPU-starved survivor was once suspected dead too, so
+/// one of its attempts was marked lost as well (a failure detector's false suspicion, not
+/// what the test is about).
+static NODE_LOSS_ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn upload_task(c: &mut MeshClient) -> String {
     let wasm = std::fs::read(example_wasm("task")).unwrap();
     c.put_blob(
@@ -58,6 +65,7 @@ fn succeeded_once(j: &pb::Job) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arrays_spread_and_survive_a_lost_node() {
+    let _alone = NODE_LOSS_ALONE.write().await;
     let mut m = Mesh::start(3, "arr").await;
     let mut c = m.client(0).await;
     let module = upload_task(&mut c).await;
@@ -143,7 +151,10 @@ async fn arrays_spread_and_survive_a_lost_node() {
         .filter(|a| a.reason == "node lost")
         .collect();
     assert!(!lost.is_empty(), "an attempt was lost with n2: {j:#?}");
-    assert!(lost.iter().all(|a| a.node == "n2"));
+    assert!(
+        lost.iter().all(|a| a.node == "n2"),
+        "lost elsewhere: {lost:#?}"
+    );
     assert!(j.indices.iter().all(|i| i.attempts.len() <= 3));
     // n2 comes back: nothing is recorded twice.
     m.cluster.nodes[2].start();
@@ -161,6 +172,7 @@ async fn arrays_spread_and_survive_a_lost_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_dependencies_cancel_and_the_finished_event() {
+    let _shared = NODE_LOSS_ALONE.read().await;
     let m = Mesh::start(2, "rules").await;
     let mut c = m.client(0).await;
     let module = upload_task(&mut c).await;
@@ -310,6 +322,7 @@ fn busybox_image(dir: &Path) -> Option<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_jobs_run_with_scratch_space_and_can_be_cancelled() {
+    let _shared = NODE_LOSS_ALONE.read().await;
     if !Path::new(SOCKET).exists() {
         eprintln!("skipped: containerd not running at {SOCKET}");
         return;
@@ -435,6 +448,7 @@ async fn container_jobs_run_with_scratch_space_and_can_be_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_is_fifo_within_a_priority_and_waits_for_capacity() {
+    let _shared = NODE_LOSS_ALONE.read().await;
     let m = Mesh::start(1, "fifo").await;
     let mut c = m.client(0).await;
     let module = upload_task(&mut c).await;
@@ -471,6 +485,7 @@ async fn the_queue_is_fifo_within_a_priority_and_waits_for_capacity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_jobs_are_removed_after_their_retention_unless_still_needed() {
+    let _shared = NODE_LOSS_ALONE.read().await;
     // One node, so that it coordinates every job; a short retention.
     let m = Mesh::start_with(1, "ret", &["--job-retention", "2s"]).await;
     let mut c = m.client(0).await;
