@@ -1473,7 +1473,10 @@ impl Call {
             self.budget,
             self.scratch.is_some(),
         );
-        if outcome.is_ok() {
+        // A call with host files (a batch attempt's scratch directory) does not leave its
+        // environment behind: it goes now, with its mount, before the caller removes the
+        // directory.
+        if outcome.is_ok() && self.scratch.is_none() {
             // What the kept environment still refers to: the body here, the output
             // taken by the caller (`Capture::take`).
             self.stdin.release();
@@ -1537,7 +1540,8 @@ thread_local! {
 /// environment (put into the same function environment) and a fresh instance, so no
 /// state passes from call to call. A store frees nothing until it is dropped, though:
 /// every call's instance, with its linear memory, stays in it until then. So a store
-/// serves at most [`CALLS_PER_STORE`] calls, and none after a call that failed.
+/// serves at most [`CALLS_PER_STORE`] calls, and none after a call that failed or had
+/// host files.
 struct CallStore {
     /// Which runtime's engine and memory pool the store belongs to (the pool's address).
     owner: usize,
