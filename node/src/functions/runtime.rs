@@ -65,9 +65,11 @@
 //! sharing state is: the call threads ([`super::call_threads`]), the store
 //! with the WASI host functions in it (a call thread keeps it for up to
 //! [`CALLS_PER_STORE`] calls, see [`CallStore`]), and the linear memories'
-//! reservations, zeroed between calls ([`super::memory_pool`]). A warm call
-//! of the `hello` example costs about 40 µs of CPU in all (HTTP included;
-//! `bench/fn` in `bench/README.md`).
+//! reservations, zeroed between calls ([`super::memory_pool`]). A call from an
+//! async caller runs inline, on the caller's own thread, when its module's
+//! calls are short, saving the two cross-thread wake-ups of a call thread
+//! ([`InlineHistory`]). A warm call of the `hello` example costs about 30 µs
+//! of CPU in all (HTTP included; `bench/fn` in `bench/README.md`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -144,7 +146,7 @@ const INSTANTIATION_POINTS: u64 = 1_000_000_000;
 
 /// Version of [`metering_cost`]; bump it whenever the cost function changes,
 /// so artifacts compiled with the old costs are not reused.
-const METERING_COST_VERSION: u32 = 1;
+const METERING_COST_VERSION: u32 = 2;
 
 /// The wasmer release line this file was written against. Part of the
 /// artifact cache key, so an upgrade recompiles instead of loading artifacts
@@ -325,6 +327,8 @@ pub enum CacheOutcome {
 pub struct LoadedModule {
     hash: [u8; 32],
     module: Module,
+    /// Whether its calls have been short enough to run inline (shared by all clones).
+    inline: Arc<InlineHistory>,
 }
 
 impl LoadedModule {
@@ -483,7 +487,7 @@ pub struct FunctionRuntime {
     /// Suffix of artifact file names: which engine, version, target and
     /// metering produced them.
     engine_key: String,
-    modules: Mutex<HashMap<[u8; 32], Module>>,
+    modules: Mutex<HashMap<[u8; 32], LoadedModule>>,
     wasi_runtime: Arc<PluggableRuntime>,
     /// Owns the threads behind `wasi_runtime`'s task manager (timers,
     /// background tasks). `None` only during drop.
@@ -574,10 +578,7 @@ impl FunctionRuntime {
 
     /// The module with this hash, if it is already loaded in memory.
     pub fn cached(&self, hash: [u8; 32]) -> Option<LoadedModule> {
-        self.lock_modules().get(&hash).map(|module| LoadedModule {
-            hash,
-            module: module.clone(),
-        })
+        self.lock_modules().get(&hash).cloned()
     }
 
     /// How many call threads are still running although their caller already
@@ -644,8 +645,13 @@ impl FunctionRuntime {
                 (self.compile(hash, wasm, &path)?, CacheOutcome::Compiled)
             }
         };
-        let module = self.lock_modules().entry(hash).or_insert(module).clone();
-        Ok((LoadedModule { hash, module }, outcome))
+        let loaded = LoadedModule {
+            hash,
+            module,
+            inline: Arc::default(),
+        };
+        let loaded = self.lock_modules().entry(hash).or_insert(loaded).clone();
+        Ok((loaded, outcome))
     }
 
     /// Runs the module's `_start` for one request under `limits` and parses
@@ -674,7 +680,7 @@ impl FunctionRuntime {
         cancel: &AtomicBool,
     ) -> Result<CgiResponse, InvokeError> {
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        let call = self.start(module, req, limits, move |outcome| {
+        let call = self.start(module, req, limits, Instant::now(), move |outcome| {
             done_tx.send(outcome).is_ok()
         })?;
         let deadline = call.started + limits.timeout;
@@ -703,14 +709,22 @@ impl FunctionRuntime {
     /// holding a thread of its own. If the returned future is dropped before the call ends
     /// (its client went away), the call runs on to its end and counts as a runaway until
     /// then; at the deadline it is killed.
+    ///
+    /// A call of a module whose calls have been short runs inline instead, on the task's
+    /// own thread, within a budget of [`INLINE_POINTS`] and without waiting in WASI; one
+    /// that would go beyond starts over on a call thread (see [`InlineHistory`]).
     pub async fn invoke_async(
         &self,
         module: &LoadedModule,
         req: CgiRequest,
         limits: &Limits,
     ) -> Result<CgiResponse, InvokeError> {
+        let started = Instant::now();
+        if let Some(answer) = self.try_inline(module, &req, limits, started) {
+            return answer;
+        }
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-        let call = self.start(module, req, limits, move |outcome| {
+        let call = self.start(module, req, limits, started, move |outcome| {
             done_tx.send(outcome).is_ok()
         })?;
         // A dropped future makes the call a runaway, counted before `done_rx` goes (locals
@@ -733,16 +747,96 @@ impl FunctionRuntime {
         self.finish(call, outcome, limits)
     }
 
+    /// Runs the call on this thread if `module`'s calls have been short and this one is
+    /// too: `None` if it is not tried, or turns out to need more than [`INLINE_POINTS`]
+    /// or to wait in WASI (`poll_oneoff`), in which case its output is dropped and the
+    /// caller starts it over on a call thread. Calls with host files (a scratch
+    /// directory) or a body over [`INLINE_MAX_BODY`] are not tried.
+    fn try_inline(
+        &self,
+        module: &LoadedModule,
+        req: &CgiRequest,
+        limits: &Limits,
+        started: Instant,
+    ) -> Option<Result<CgiResponse, InvokeError>> {
+        if req.scratch.is_some() || req.body.len() > INLINE_MAX_BODY || !module.inline.take_turn() {
+            return None;
+        }
+        let full = limits.fuel_budget();
+        let budget = full.min(INLINE_POINTS);
+        let (call, started_call) =
+            match self.prepare(module, req.clone(), limits, started, budget, true) {
+                Ok(prepared) => prepared,
+                Err(err) => return Some(Err(err)),
+            };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let outcome = call.run();
+            CallStore::retire_if_spent();
+            outcome
+        }));
+        let took = started.elapsed();
+        let Ok(outcome) = outcome else {
+            module.inline.go_threaded();
+            return Some(Err(panicked()));
+        };
+        let start_over = match &outcome {
+            Err(Failure::NeedsThread) => true,
+            Err(Failure::Exhausted) => budget < full,
+            _ => false,
+        };
+        if start_over || took > INLINE_MAX_WALL {
+            tracing::debug!(
+                module = %hex::encode(module.hash),
+                ?took,
+                start_over,
+                "function calls go to call threads for a while"
+            );
+            module.inline.go_threaded();
+        }
+        if start_over {
+            return None;
+        }
+        Some(self.finish(started_call, outcome, limits))
+    }
+
     /// Starts a call on a call thread; `deliver` hands its outcome to the waiting caller and
-    /// says whether the caller was still there.
+    /// says whether the caller was still there. The deadline counts from `started`.
     fn start(
         &self,
         module: &LoadedModule,
         req: CgiRequest,
         limits: &Limits,
+        started: Instant,
         deliver: impl FnOnce(Result<u64, Failure>) -> bool + Send + 'static,
     ) -> Result<StartedCall, InvokeError> {
-        let started = Instant::now();
+        let (call, started_call) =
+            self.prepare(module, req, limits, started, limits.fuel_budget(), false)?;
+        let runaway = self.runaway.clone();
+        self.threads
+            .run(move || {
+                // The caller is gone after a timeout: this was a runaway.
+                if !deliver(call.run()) {
+                    runaway.fetch_sub(1, Ordering::SeqCst);
+                }
+                // After the answer is out: a store that served its last call goes now
+                // (zeroing its memories), not at the start of the thread's next call.
+                CallStore::retire_if_spent();
+            })
+            .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
+        Ok(started_call)
+    }
+
+    /// A call ready to run (with `budget` metering points; `inline`: on an async task's
+    /// thread), and what its caller keeps of it.
+    fn prepare(
+        &self,
+        module: &LoadedModule,
+        req: CgiRequest,
+        limits: &Limits,
+        started: Instant,
+        budget: u64,
+        inline: bool,
+    ) -> Result<(Call, StartedCall), InvokeError> {
         let raw_output = req.raw_output;
         let scratch = req.scratch.clone();
         let env = cgi_environment(&req);
@@ -756,7 +850,6 @@ impl FunctionRuntime {
         let stdout = Capture::new(MAX_STDOUT_BYTES, true);
         let stderr = Capture::new(MAX_STDERR_BYTES, false);
         let memory_hit = Arc::new(AtomicBool::new(false));
-        let budget = limits.fuel_budget();
         let kill = Arc::new(KillSwitch::default());
         let call = Call {
             engine: self.engine.clone(),
@@ -775,27 +868,17 @@ impl FunctionRuntime {
             kill: kill.clone(),
             scratch,
             tasks: self.tasks_handle(),
+            inline,
         };
-        let runaway = self.runaway.clone();
-        self.threads
-            .run(move || {
-                // The caller is gone after a timeout: this was a runaway.
-                if !deliver(call.run()) {
-                    runaway.fetch_sub(1, Ordering::SeqCst);
-                }
-                // After the answer is out: a store that served its last call goes now
-                // (zeroing its memories), not at the start of the thread's next call.
-                CallStore::retire_if_spent();
-            })
-            .map_err(|err| InvokeError::Internal(format!("cannot start a call thread: {err}")))?;
-        Ok(StartedCall {
+        let started_call = StartedCall {
             started,
             raw_output,
             stdout,
             stderr,
             memory_hit,
             kill,
-        })
+        };
+        Ok((call, started_call))
     }
 
     /// The deadline of `call` passed: it is killed, and a runaway until its thread ends.
@@ -843,7 +926,7 @@ impl FunctionRuntime {
         })
     }
 
-    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Module>> {
+    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], LoadedModule>> {
         self.modules.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -976,10 +1059,19 @@ fn wasm_features() -> Features {
 /// large copy runs at about the points per second of ordinary code.
 const BULK_BYTES_PER_POINT_LOG2: i64 = 2;
 
+/// Metering points a direct call of an imported (WASI host) function costs on top of
+/// the call itself: about a microsecond of the budget, what a small host call takes.
+/// `Metering` charges every call the same, so a loop of cheap instructions around a
+/// host call would otherwise run many times longer than its points say (which matters
+/// most for inline calls, see [`INLINE_POINTS`]). Calls through a table are charged as
+/// ordinary calls.
+const HOST_CALL_POINTS: u64 = POINTS_PER_SECOND / 1_000_000;
+
 /// Charges bulk memory operations (`memory.copy`, `memory.fill`,
-/// `memory.init`) one metering point per 4 bytes, from the `Metering`
-/// middleware's points, so that a loop of huge copies cannot run far past
-/// its budget. (`Metering` charges per operator and cannot see the length.)
+/// `memory.init`) one metering point per 4 bytes, and direct calls of imported
+/// functions [`HOST_CALL_POINTS`], from the `Metering` middleware's points, so
+/// that a loop of huge copies or of host calls cannot run far past its budget.
+/// (`Metering` charges per operator and cannot see the length or the callee.)
 #[derive(Debug, Default)]
 struct BulkMetering {
     globals: Mutex<Option<BulkGlobals>>,
@@ -996,6 +1088,8 @@ struct BulkGlobals {
     length: u32,
     /// Scratch: the operation's cost (i64).
     cost: u32,
+    /// Functions below this index are imported.
+    imported_functions: u32,
 }
 
 impl ModuleMiddleware for BulkMetering {
@@ -1034,6 +1128,8 @@ impl ModuleMiddleware for BulkMetering {
             exhausted,
             length: length.as_u32(),
             cost: cost.as_u32(),
+            imported_functions: u32::try_from(info.num_imported_functions)
+                .map_err(|_| MiddlewareError::new("BulkMetering", "too many imported functions"))?,
         });
         Ok(())
     }
@@ -1050,16 +1146,54 @@ impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
         operator: Operator<'a>,
         state: &mut MiddlewareReaderState<'a>,
     ) -> Result<(), MiddlewareError> {
+        let BulkGlobals {
+            remaining,
+            exhausted,
+            length,
+            cost,
+            imported_functions,
+        } = self.globals;
+        // if remaining < cost { exhausted = 1; trap }; remaining -= cost
+        let charge = [
+            Operator::GlobalGet {
+                global_index: remaining,
+            },
+            Operator::GlobalGet { global_index: cost },
+            Operator::I64LtU,
+            Operator::If {
+                blockty: BlockType::Empty,
+            },
+            Operator::I32Const { value: 1 },
+            Operator::GlobalSet {
+                global_index: exhausted,
+            },
+            Operator::Unreachable,
+            Operator::End,
+            Operator::GlobalGet {
+                global_index: remaining,
+            },
+            Operator::GlobalGet { global_index: cost },
+            Operator::I64Sub,
+            Operator::GlobalSet {
+                global_index: remaining,
+            },
+        ];
+        if let Operator::Call { function_index } | Operator::ReturnCall { function_index } =
+            operator
+            && function_index < imported_functions
+        {
+            state.extend([
+                Operator::I64Const {
+                    value: HOST_CALL_POINTS as i64,
+                },
+                Operator::GlobalSet { global_index: cost },
+            ]);
+            state.extend(&charge);
+        }
         if matches!(
             operator,
             Operator::MemoryCopy { .. } | Operator::MemoryFill { .. } | Operator::MemoryInit { .. }
         ) {
-            let BulkGlobals {
-                remaining,
-                exhausted,
-                length,
-                cost,
-            } = self.globals;
             // The length (an i32, memories being 32-bit) is on top of the
             // stack: stash it, charge it, put it back.
             state.extend([
@@ -1075,34 +1209,11 @@ impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
                 },
                 Operator::I64ShrU,
                 Operator::GlobalSet { global_index: cost },
-                // if remaining < cost { exhausted = 1; trap }
-                Operator::GlobalGet {
-                    global_index: remaining,
-                },
-                Operator::GlobalGet { global_index: cost },
-                Operator::I64LtU,
-                Operator::If {
-                    blockty: BlockType::Empty,
-                },
-                Operator::I32Const { value: 1 },
-                Operator::GlobalSet {
-                    global_index: exhausted,
-                },
-                Operator::Unreachable,
-                Operator::End,
-                // remaining -= cost
-                Operator::GlobalGet {
-                    global_index: remaining,
-                },
-                Operator::GlobalGet { global_index: cost },
-                Operator::I64Sub,
-                Operator::GlobalSet {
-                    global_index: remaining,
-                },
-                Operator::GlobalGet {
-                    global_index: length,
-                },
             ]);
+            state.extend(&charge);
+            state.extend([Operator::GlobalGet {
+                global_index: length,
+            }]);
         }
         state.push_operator(operator);
         Ok(())
@@ -1321,7 +1432,15 @@ enum Failure {
     Exit(i32),
     /// A trap or another runtime error.
     Trap(String),
+    /// An inline call tried to wait ([`NeedsThread`]).
+    NeedsThread,
 }
+
+/// What `poll_oneoff` raises in an inline call: the call would wait, which a task's thread
+/// must not, so it starts over on a call thread.
+#[derive(Debug, thiserror::Error)]
+#[error("an inline call waited in poll_oneoff")]
+struct NeedsThread;
 
 impl Failure {
     fn into_error(
@@ -1337,6 +1456,9 @@ impl Failure {
                 stderr,
             },
             Self::Setup(message) => InvokeError::Setup(message),
+            Self::NeedsThread => InvokeError::Internal(
+                "an inline call waited in WASI and was not started over".to_owned(),
+            ),
             _ if memory_hit => InvokeError::MemoryLimit {
                 limit: limits.max_pages().0 as u64 * PAGE_SIZE,
                 stderr,
@@ -1401,6 +1523,9 @@ struct Call {
     kill: Arc<KillSwitch>,
     scratch: Option<PathBuf>,
     tasks: tokio::runtime::Handle,
+    /// Runs on an async task's thread, which it must not block (see
+    /// [`FunctionRuntime::invoke_async`]).
+    inline: bool,
 }
 
 /// Lets the invoking thread stop a call's WASI process at the deadline.
@@ -1456,14 +1581,14 @@ impl Call {
         let owner = Arc::as_ptr(&self.memory_pool) as usize;
         let reused = CALL_STORE
             .with(|slot| slot.borrow_mut().take())
-            .filter(|kept| kept.owner == owner && !kept.spent());
+            .filter(|kept| kept.owner == owner && kept.inline == self.inline && !kept.spent());
         let mut kept = match reused {
             Some(mut kept) => {
                 // The previous call's environment goes; the host functions stay.
                 *kept.wasi_env.data_mut(&mut kept.store) = env;
                 kept
             }
-            None => CallStore::new(self.engine, self.memory_pool, env),
+            None => CallStore::new(self.engine, self.memory_pool, env, self.inline),
         };
         kept.calls += 1;
         kept.cap.set(self.max_pages, self.memory_hit);
@@ -1529,6 +1654,59 @@ impl Call {
 /// Calls one store serves before its call thread drops it (see [`CallStore`]).
 const CALLS_PER_STORE: u32 = 16;
 
+/// The metering budget of an inline call (see [`InlineHistory`]): about a millisecond.
+pub const INLINE_POINTS: u64 = POINTS_PER_SECOND / 1_000;
+
+/// Largest request body an inline call is tried with (it is copied, for a start over).
+pub const INLINE_MAX_BODY: usize = 64 * 1024;
+
+/// An inline call that took longer than this (instantiation and memory zeroing
+/// included, which metering does not see) sends its module's calls to call threads.
+const INLINE_MAX_WALL: Duration = Duration::from_millis(2);
+
+/// Calls of a module that go to call threads after one of its calls was not short.
+const THREADED_CALLS_AFTER_LONG: u32 = 1024;
+
+/// Whether a module's calls run inline, on the async task that asks for them, or on
+/// a call thread ([`super::call_threads`]).
+///
+/// A call thread lets the caller answer at the deadline whatever the call does, but
+/// handing the call over and its answer back costs two cross-thread wake-ups, about a
+/// quarter of a warm `hello` call's CPU. Most functions answer in microseconds, so
+/// [`FunctionRuntime::invoke_async`] first runs a call inline, with a budget of
+/// [`INLINE_POINTS`] (host calls charged [`HOST_CALL_POINTS`] each) and with a
+/// `poll_oneoff` that raises [`NeedsThread`] instead of waiting. A call that runs out
+/// of that budget or would wait is started over on a call thread with its full budget
+/// and deadline (its output so far is dropped; a function without host files has no
+/// other effects), and so are its module's next [`THREADED_CALLS_AFTER_LONG`] calls,
+/// as after an inline call that took longer than [`INLINE_MAX_WALL`]. So a task's thread
+/// is held for at most about a millisecond of guest code per call, and a long call
+/// costs its module that much extra once per [`THREADED_CALLS_AFTER_LONG`] calls.
+#[derive(Debug, Default)]
+pub struct InlineHistory {
+    /// Calls still to send to call threads before trying inline again.
+    threaded_left: AtomicU32,
+}
+
+impl InlineHistory {
+    /// Whether this call may run inline (counts one threaded call down if not).
+    fn take_turn(&self) -> bool {
+        if self.threaded_left.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let _ = self
+            .threaded_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        false
+    }
+
+    /// A call was not short: the next calls go to call threads.
+    fn go_threaded(&self) {
+        self.threaded_left
+            .store(THREADED_CALLS_AFTER_LONG, Ordering::Relaxed);
+    }
+}
+
 thread_local! {
     /// The store this call thread reuses, between its calls (see [`CallStore`]).
     static CALL_STORE: RefCell<Option<CallStore>> = const { RefCell::new(None) };
@@ -1551,10 +1729,12 @@ struct CallStore {
     /// The current call's memory cap, which the store's tunables read.
     cap: Arc<MemoryCap>,
     calls: u32,
+    /// Serves inline calls: `poll_oneoff` raises [`NeedsThread`] instead of waiting.
+    inline: bool,
 }
 
 impl CallStore {
-    fn new(engine: Engine, pool: Arc<MemoryPool>, env: WasiEnv) -> Self {
+    fn new(engine: Engine, pool: Arc<MemoryPool>, env: WasiEnv, inline: bool) -> Self {
         let owner = Arc::as_ptr(&pool) as usize;
         let cap = Arc::new(MemoryCap::default());
         // Same compiled code and signature registry as the shared engine, but tunables
@@ -1570,8 +1750,19 @@ impl CallStore {
         // Only the preview 1 functions (all a module may import, see `check_interface`):
         // `WasiEnvBuilder::instantiate` would create the host functions of every WASI and
         // WASIX version for every call, about a fifth of a warm call's CPU.
-        let imports =
+        let mut imports =
             generate_import_object_from_env(&mut store, &wasi_env.env, WasiVersion::Snapshot1);
+        if inline {
+            // The one preview 1 call that waits (sleeps, or for stdin to become readable);
+            // the others return at once with no files or sockets around.
+            let wait = wasmer::Function::new_typed(
+                &mut store,
+                |_: i32, _: i32, _: i32, _: i32| -> Result<i32, wasmer::RuntimeError> {
+                    Err(wasmer::RuntimeError::user(Box::new(NeedsThread)))
+                },
+            );
+            imports.define("wasi_snapshot_preview1", "poll_oneoff", wait);
+        }
         Self {
             owner,
             store,
@@ -1579,6 +1770,7 @@ impl CallStore {
             imports,
             cap,
             calls: 0,
+            inline,
         }
     }
 
@@ -1656,6 +1848,9 @@ impl CallStore {
         let (exit_code, outcome) = match result {
             Ok(_) => (0u16.into(), Ok(fuel_used)),
             Err(_) if exhausted => (Errno::Timedout.into(), Err(Failure::Exhausted)),
+            Err(err) if err.is::<NeedsThread>() => {
+                (Errno::Noexec.into(), Err(Failure::NeedsThread))
+            }
             Err(err) => match err.downcast::<WasiError>() {
                 Ok(WasiError::Exit(code)) if code.is_success() => (code, Ok(fuel_used)),
                 Ok(WasiError::Exit(code)) => (code, Err(Failure::Exit(code.raw()))),
@@ -2361,8 +2556,121 @@ mod tests {
             kill: Arc::default(),
             scratch: None,
             tasks: runtime.tasks_handle(),
+            inline: false,
         };
         assert!(matches!(call.run(), Err(Failure::Exhausted)));
+    }
+
+    #[test]
+    fn direct_calls_of_host_functions_are_charged() {
+        let (_dir, runtime) = runtime();
+        let module = |calls: usize| {
+            wat::parse_str(format!(
+                r#"(module
+                    (import "wasi_snapshot_preview1" "args_sizes_get" (func $sizes (param i32 i32) (result i32)))
+                    (memory (export "memory") 1)
+                    (func (export "_start") {}))"#,
+                "(drop (call $sizes (i32.const 0) (i32.const 4)))".repeat(calls)
+            ))
+            .unwrap()
+        };
+        let fuel = |calls: usize| {
+            let (module, _) = load(&runtime, &module(calls)).unwrap();
+            runtime
+                .invoke(&module, get(""), &limits())
+                .unwrap()
+                .fuel_used
+        };
+        let (none, three) = (fuel(0), fuel(3));
+        // Each call: the host call's charge, plus the call operator's own cost.
+        assert!(
+            (3 * HOST_CALL_POINTS..3 * HOST_CALL_POINTS + 100).contains(&(three - none)),
+            "{none} -> {three}"
+        );
+    }
+
+    /// A module that prints `start`, counts to `count` (about 3 points a step), then
+    /// prints ` done`.
+    fn counting_module(count: u32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module
+                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 16) "start done")
+                (func $print (param i32 i32)
+                    (i32.store (i32.const 0) (local.get 0))
+                    (i32.store (i32.const 4) (local.get 1))
+                    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+                (func (export "_start") (local i32)
+                    (call $print (i32.const 16) (i32.const 5))
+                    (loop $count
+                        (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+                        (br_if $count (i32.lt_u (local.get 0) (i32.const {count}))))
+                    (call $print (i32.const 21) (i32.const 5))))"#
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_async_calls_run_inline_and_others_start_over_on_a_call_thread() {
+        let (_dir, runtime) = runtime();
+        let (hello, _) = load(&runtime, &example("hello")).unwrap();
+        for name in ["al", "bo", "cy"] {
+            let resp = runtime
+                .invoke_async(&hello, get(&format!("name={name}")), &limits())
+                .await
+                .unwrap();
+            assert!(text(&resp.body).starts_with(&format!("hello, {name}\n")));
+        }
+        assert_eq!(runtime.threads.started(), 0, "hello ran on a call thread");
+
+        // Past the inline budget: started over on a call thread with the full budget;
+        // the first attempt's output is not in the answer.
+        let count = u32::try_from(INLINE_POINTS).unwrap();
+        let (counting, _) = load(&runtime, &counting_module(count)).unwrap();
+        let resp = runtime
+            .invoke_async(&counting, get(""), &limits())
+            .await
+            .unwrap();
+        assert_eq!(text(&resp.body), "start done");
+        assert_eq!(runtime.threads.started(), 1);
+        assert!(resp.fuel_used > INLINE_POINTS, "{}", resp.fuel_used);
+        // Its next calls go straight to call threads: one attempt each.
+        assert_eq!(
+            counting.inline.threaded_left.load(Ordering::Relaxed),
+            THREADED_CALLS_AFTER_LONG
+        );
+        let resp = runtime
+            .invoke_async(&counting, get(""), &limits())
+            .await
+            .unwrap();
+        assert_eq!(text(&resp.body), "start done");
+        assert_eq!(
+            counting.inline.threaded_left.load(Ordering::Relaxed),
+            THREADED_CALLS_AFTER_LONG - 1
+        );
+
+        // A call that sleeps (`poll_oneoff`) is started over on a call thread too, and
+        // its output is there once. Within the inline budget, but waiting.
+        let (task, _) = load(&runtime, &example("task")).unwrap();
+        let req = CgiRequest {
+            args: vec!["--sleep-ms".to_owned(), "20".to_owned()],
+            raw_output: true,
+            ..get("")
+        };
+        let resp = runtime.invoke_async(&task, req, &limits()).await.unwrap();
+        assert_eq!(text(&resp.body), "task index=- attempt=1\n");
+        assert!(resp.duration >= Duration::from_millis(20));
+        assert!(task.inline.threaded_left.load(Ordering::Relaxed) > 0);
+
+        // A short call past a long one of another module still runs inline.
+        let before = runtime.threads.started();
+        let resp = runtime
+            .invoke_async(&hello, get("name=di"), &limits())
+            .await
+            .unwrap();
+        assert!(text(&resp.body).starts_with("hello, di\n"));
+        assert_eq!(runtime.threads.started(), before);
     }
 
     #[test]
