@@ -6,7 +6,10 @@ use meshwork_node::config::MeshdArgs;
 use meshwork_node::telemetry;
 
 /// mimalloc instead of glibc's malloc: the gateway's per-request allocations (hyper, headers,
-/// routing) spend about a quarter less CPU in the allocator (bench/gateway).
+/// routing) spend about a quarter less CPU in the allocator (bench/gateway). Built without
+/// transparent huge pages (the workspace's `no_thp` feature): with them, a thread's first
+/// allocation from a fresh arena region faulted in and zeroed a whole 2 MiB page, which took
+/// 5-40 ms now and then on a VM and made a restarted node's first function call that slow.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
