@@ -769,12 +769,10 @@ impl FunctionRuntime {
                 Ok(prepared) => prepared,
                 Err(err) => return Some(Err(err)),
             };
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            let outcome = call.run();
-            CallStore::retire_if_spent();
-            outcome
-        }));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || call.run()));
         let took = started.elapsed();
+        // Not timed: a spent store zeroes all its memories as it drops, every so many calls.
+        CallStore::retire_if_spent();
         let Ok(outcome) = outcome else {
             module.inline.go_threaded();
             return Some(Err(panicked()));
@@ -784,7 +782,8 @@ impl FunctionRuntime {
             Err(Failure::Exhausted) => budget < full,
             _ => false,
         };
-        if start_over || took > INLINE_MAX_WALL {
+        let slow = module.inline.record(took > INLINE_MAX_WALL);
+        if start_over || slow {
             tracing::debug!(
                 module = %hex::encode(module.hash),
                 ?took,
@@ -1651,8 +1650,12 @@ impl Call {
     }
 }
 
-/// Calls one store serves before its call thread drops it (see [`CallStore`]).
+/// Calls one store serves before its thread drops it (see [`CallStore`]).
 const CALLS_PER_STORE: u32 = 16;
+
+/// Bytes of linear memory (sized at their calls' ends) a store holds in its finished
+/// instances before its thread drops it (see [`CallStore`]).
+const RETAINED_PER_STORE: u64 = 16 * 1024 * 1024;
 
 /// The metering budget of an inline call (see [`InlineHistory`]): about a millisecond.
 pub const INLINE_POINTS: u64 = POINTS_PER_SECOND / 1_000;
@@ -1661,8 +1664,13 @@ pub const INLINE_POINTS: u64 = POINTS_PER_SECOND / 1_000;
 pub const INLINE_MAX_BODY: usize = 64 * 1024;
 
 /// An inline call that took longer than this (instantiation and memory zeroing
-/// included, which metering does not see) sends its module's calls to call threads.
+/// included, which metering does not see) counts as slow; [`SLOW_INLINE_CALLS`] in a
+/// row send its module's calls to call threads.
 const INLINE_MAX_WALL: Duration = Duration::from_millis(2);
+
+/// Slow inline calls of a module in a row that send its calls to call threads: one
+/// could be the thread being preempted on a busy machine.
+const SLOW_INLINE_CALLS: u32 = 3;
 
 /// Calls of a module that go to call threads after one of its calls was not short.
 const THREADED_CALLS_AFTER_LONG: u32 = 1024;
@@ -1679,13 +1687,16 @@ const THREADED_CALLS_AFTER_LONG: u32 = 1024;
 /// of that budget or would wait is started over on a call thread with its full budget
 /// and deadline (its output so far is dropped; a function without host files has no
 /// other effects), and so are its module's next [`THREADED_CALLS_AFTER_LONG`] calls,
-/// as after an inline call that took longer than [`INLINE_MAX_WALL`]. So a task's thread
-/// is held for at most about a millisecond of guest code per call, and a long call
-/// costs its module that much extra once per [`THREADED_CALLS_AFTER_LONG`] calls.
+/// as after [`SLOW_INLINE_CALLS`] inline calls in a row that took longer than
+/// [`INLINE_MAX_WALL`]. So a task's thread is held for at most about a millisecond of
+/// guest code per call, and a long call costs its module that much extra once per
+/// [`THREADED_CALLS_AFTER_LONG`] calls.
 #[derive(Debug, Default)]
 pub struct InlineHistory {
     /// Calls still to send to call threads before trying inline again.
     threaded_left: AtomicU32,
+    /// The module's latest inline calls that were slow, in a row.
+    slow_in_a_row: AtomicU32,
 }
 
 impl InlineHistory {
@@ -1698,6 +1709,23 @@ impl InlineHistory {
             .threaded_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         false
+    }
+
+    /// Records whether an inline call was slow; true when enough were, in a row, that
+    /// the module's calls should go to call threads.
+    fn record(&self, slow: bool) -> bool {
+        if !slow {
+            // Read first: a write per call would bounce the cache line between cores.
+            if self.slow_in_a_row.load(Ordering::Relaxed) != 0 {
+                self.slow_in_a_row.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        if self.slow_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < SLOW_INLINE_CALLS {
+            return false;
+        }
+        self.slow_in_a_row.store(0, Ordering::Relaxed);
+        true
     }
 
     /// A call was not short: the next calls go to call threads.
@@ -1718,8 +1746,8 @@ thread_local! {
 /// environment (put into the same function environment) and a fresh instance, so no
 /// state passes from call to call. A store frees nothing until it is dropped, though:
 /// every call's instance, with its linear memory, stays in it until then. So a store
-/// serves at most [`CALLS_PER_STORE`] calls, and none after a call that failed or had
-/// host files.
+/// serves at most [`CALLS_PER_STORE`] calls, goes once its finished instances' memories
+/// reach [`RETAINED_PER_STORE`], and serves none after a call that failed or had host files.
 struct CallStore {
     /// Which runtime's engine and memory pool the store belongs to (the pool's address).
     owner: usize,
@@ -1729,6 +1757,8 @@ struct CallStore {
     /// The current call's memory cap, which the store's tunables read.
     cap: Arc<MemoryCap>,
     calls: u32,
+    /// Linear memory of the instances it holds, in bytes.
+    retained: u64,
     /// Serves inline calls: `poll_oneoff` raises [`NeedsThread`] instead of waiting.
     inline: bool,
 }
@@ -1770,13 +1800,14 @@ impl CallStore {
             imports,
             cap,
             calls: 0,
+            retained: 0,
             inline,
         }
     }
 
     /// Whether the store has served all the calls it may.
     fn spent(&self) -> bool {
-        self.calls >= CALLS_PER_STORE
+        self.calls >= CALLS_PER_STORE || self.retained >= RETAINED_PER_STORE
     }
 
     /// Drops this thread's kept store if it is spent.
@@ -1841,6 +1872,10 @@ impl CallStore {
             .map_err(|err| Failure::Instantiate(err.to_string()))?
             .clone();
         let result = start.call(store, &[]);
+        self.retained += instance
+            .exports
+            .get_memory("memory")
+            .map_or(0, |memory| memory.view(store).data_size());
         let (fuel_used, exhausted) = match get_remaining_points(store, &instance) {
             MeteringPoints::Remaining(left) => (budget.saturating_sub(left), false),
             MeteringPoints::Exhausted => (budget, true),
@@ -2609,6 +2644,29 @@ mod tests {
                     (call $print (i32.const 21) (i32.const 5))))"#
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn slow_inline_calls_in_a_row_send_a_module_to_call_threads_for_a_while() {
+        let history = InlineHistory::default();
+        assert!(history.take_turn());
+        // A slow call now and then (a preempted thread) is not enough...
+        for _ in 0..3 {
+            for _ in 1..SLOW_INLINE_CALLS {
+                assert!(!history.record(true));
+            }
+            assert!(!history.record(false));
+        }
+        // ...slow calls in a row are.
+        for _ in 1..SLOW_INLINE_CALLS {
+            assert!(!history.record(true));
+        }
+        assert!(history.record(true));
+        history.go_threaded();
+        for _ in 0..THREADED_CALLS_AFTER_LONG {
+            assert!(!history.take_turn());
+        }
+        assert!(history.take_turn());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
