@@ -1091,6 +1091,43 @@ struct BulkGlobals {
     imported_functions: u32,
 }
 
+impl BulkGlobals {
+    /// Charges the `cost` global's points: if remaining < cost { exhausted = 1; trap };
+    /// remaining -= cost.
+    fn charge<'a>(&self) -> [Operator<'a>; 12] {
+        let Self {
+            remaining,
+            exhausted,
+            cost,
+            ..
+        } = *self;
+        [
+            Operator::GlobalGet {
+                global_index: remaining,
+            },
+            Operator::GlobalGet { global_index: cost },
+            Operator::I64LtU,
+            Operator::If {
+                blockty: BlockType::Empty,
+            },
+            Operator::I32Const { value: 1 },
+            Operator::GlobalSet {
+                global_index: exhausted,
+            },
+            Operator::Unreachable,
+            Operator::End,
+            Operator::GlobalGet {
+                global_index: remaining,
+            },
+            Operator::GlobalGet { global_index: cost },
+            Operator::I64Sub,
+            Operator::GlobalSet {
+                global_index: remaining,
+            },
+        ]
+    }
+}
+
 impl ModuleMiddleware for BulkMetering {
     fn generate_function_middleware<'a>(
         &self,
@@ -1146,37 +1183,11 @@ impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
         state: &mut MiddlewareReaderState<'a>,
     ) -> Result<(), MiddlewareError> {
         let BulkGlobals {
-            remaining,
-            exhausted,
             length,
             cost,
             imported_functions,
+            ..
         } = self.globals;
-        // if remaining < cost { exhausted = 1; trap }; remaining -= cost
-        let charge = [
-            Operator::GlobalGet {
-                global_index: remaining,
-            },
-            Operator::GlobalGet { global_index: cost },
-            Operator::I64LtU,
-            Operator::If {
-                blockty: BlockType::Empty,
-            },
-            Operator::I32Const { value: 1 },
-            Operator::GlobalSet {
-                global_index: exhausted,
-            },
-            Operator::Unreachable,
-            Operator::End,
-            Operator::GlobalGet {
-                global_index: remaining,
-            },
-            Operator::GlobalGet { global_index: cost },
-            Operator::I64Sub,
-            Operator::GlobalSet {
-                global_index: remaining,
-            },
-        ];
         if let Operator::Call { function_index } | Operator::ReturnCall { function_index } =
             operator
             && function_index < imported_functions
@@ -1187,7 +1198,7 @@ impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
                 },
                 Operator::GlobalSet { global_index: cost },
             ]);
-            state.extend(&charge);
+            state.extend(self.globals.charge());
         }
         if matches!(
             operator,
@@ -1209,7 +1220,7 @@ impl<'a> FunctionMiddleware<'a> for FunctionBulkMetering {
                 Operator::I64ShrU,
                 Operator::GlobalSet { global_index: cost },
             ]);
-            state.extend(&charge);
+            state.extend(self.globals.charge());
             state.extend([Operator::GlobalGet {
                 global_index: length,
             }]);
