@@ -38,7 +38,9 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
-use super::store::{BlobInfo, BlobStore, ChunkList, Hash, StoreError};
+use super::store::{
+    BlobInfo, BlobStore, ChainingValue, ChunkBuf, ChunkList, Hash, StoreError, chunk_cv,
+};
 
 /// The stream protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshwork/blobs/2");
@@ -307,6 +309,18 @@ async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<An
 }
 
 async fn read_frame_inner(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
+    let (status, len) = read_head(stream, max).await?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok(match status {
+        OK => Answer::Bytes(body),
+        ELSEWHERE => Answer::Elsewhere,
+        _ => Answer::Missing,
+    })
+}
+
+/// Reads a frame's status byte and length, refusing a length over `max`.
+async fn read_head(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<(u8, usize)> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await?;
     let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
@@ -315,13 +329,26 @@ async fn read_frame_inner(stream: &mut libp2p::Stream, max: u32) -> std::io::Res
             "frame of {len} bytes is over the limit"
         )));
     }
-    let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body).await?;
-    Ok(match head[0] {
-        OK => Answer::Bytes(body),
-        ELSEWHERE => Answer::Elsewhere,
-        _ => Answer::Missing,
-    })
+    Ok((head[0], len as usize))
+}
+
+/// Reads the answer frame for one chunk into `buf` (page-aligned, so that the store can write
+/// it with `O_DIRECT`) and returns its status; `buf` holds the chunk when that is `OK`.
+async fn read_chunk_frame(stream: &mut libp2p::Stream, buf: &mut ChunkBuf) -> std::io::Result<u8> {
+    let read = async {
+        let (status, len) = read_head(stream, super::store::CHUNK_SIZE as u32).await?;
+        buf.resize(len);
+        stream.read_exact(buf.as_mut_slice()).await?;
+        Ok(status)
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 30 s",
+            ))
+        })
 }
 
 async fn send_request(stream: &mut libp2p::Stream, req: &BlobRequest) -> std::io::Result<()> {
@@ -422,6 +449,11 @@ struct Pull {
     stored: Mutex<HashSet<usize>>,
     /// Chunk writes running on blocking threads.
     puts: WritesInFlight,
+    /// The blake3 chaining value of each chunk (by index) this pull stored, for the commit.
+    cvs: Mutex<Vec<Option<ChainingValue>>>,
+    /// Receive buffers not in use, shared by the workers (a pull allocates a few, not one per
+    /// chunk).
+    bufs: Mutex<Vec<ChunkBuf>>,
 }
 
 /// Counts writes running on blocking threads, so that a failed pull can wait for them before it
@@ -463,6 +495,7 @@ impl Pull {
     fn new(blob: Hash, list: ChunkList, queue: Vec<usize>) -> Self {
         Self {
             blob,
+            cvs: Mutex::new(vec![None; list.chunks.len()]),
             remaining: AtomicU64::new(queue.len() as u64),
             done: AtomicBool::new(queue.is_empty()),
             queue: Mutex::new(queue),
@@ -473,6 +506,7 @@ impl Pull {
             inflight: Mutex::new(HashMap::new()),
             stored: Mutex::new(HashSet::new()),
             puts: WritesInFlight::default(),
+            bufs: Mutex::new(Vec::new()),
         }
     }
 
@@ -798,7 +832,8 @@ pub async fn fetch(
     let list = pull.list.clone();
     let sha256 = expected.sha256;
     let started = Instant::now();
-    let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list, &sha256))
+    let cvs = std::mem::take(&mut *pull.cvs.lock().expect("cvs lock"));
+    let info = tokio::task::spawn_blocking(move || s.commit(&blob, &list, &sha256, &cvs))
         .await
         .expect("commit task")?;
     tracing::debug!(%blob, elapsed = ?started.elapsed(), "pulled blob committed");
@@ -927,19 +962,27 @@ async fn worker(
             return WorkerEnd::Failed(src, fetched, e.to_string());
         }
         for (k, i) in batch.iter().enumerate() {
-            let body = match read_frame(&mut stream, super::store::CHUNK_SIZE as u32).await {
-                Ok(Answer::Bytes(b)) => b,
-                Ok(Answer::Elsewhere) => {
+            let mut body = pull
+                .bufs
+                .lock()
+                .expect("bufs lock")
+                .pop()
+                .unwrap_or_else(|| ChunkBuf::with_capacity(0, super::store::CHUNK_SIZE));
+            match read_chunk_frame(&mut stream, &mut body).await {
+                Ok(OK) => {}
+                Ok(ELSEWHERE) => {
                     // Another puller got it from this holder a moment ago.
+                    pull.bufs.lock().expect("bufs lock").push(body);
                     pull.defer(*i);
                     continue;
                 }
-                Ok(Answer::Missing) if !src.complete => {
+                Ok(_) if !src.complete => {
                     // A fellow puller may have been asked for a chunk it lost; not a lie.
+                    pull.bufs.lock().expect("bufs lock").push(body);
                     pull.give_back(&batch[k..k + 1]);
                     continue;
                 }
-                Ok(Answer::Missing) => {
+                Ok(_) => {
                     pull.give_back(&batch[k..]);
                     return WorkerEnd::Failed(src, fetched, "does not have every chunk".into());
                 }
@@ -950,17 +993,22 @@ async fn worker(
             };
             let h = hashes[k];
             let s = store.clone();
-            let len = body.len() as u64;
+            let len = body.as_slice().len() as u64;
+            let index = *i;
             // The blocking write runs to its end even if this worker is aborted, so it records
             // what it wrote itself (a failed pull must find every chunk it has to undo).
             let writing = pull.puts.start();
             let p = pull.clone();
             let put = tokio::task::spawn_blocking(move || {
                 let _writing = writing;
-                let put = s.put_chunk(&h, &body);
+                let put = s.put_received_chunk(&h, &body);
                 if put.is_ok() {
                     p.written.lock().expect("written lock").push(h);
+                    // Its place in the blob's hash, from the bytes still in memory.
+                    let cv = chunk_cv(body.as_slice(), index);
+                    p.cvs.lock().expect("cvs lock")[index] = Some(cv);
                 }
+                p.bufs.lock().expect("bufs lock").push(body);
                 put
             })
             .await
