@@ -272,6 +272,12 @@ async fn write_frame(stream: &mut libp2p::Stream, status: u8, body: &[u8]) -> st
     stream.write_all(body).await
 }
 
+/// Streams a pull opens to each complete holder (a fellow puller gets one). Each has one
+/// request of up to [`MAX_CHUNKS_PER_REQUEST`] chunks out and stores what arrives; 4 rather
+/// than 2 kept both cores busier in bench/pull part (a): 0.73-0.78 s against 0.81-1.11 s for
+/// 512 MiB in three runs each, with part (b)'s upload from the first holder unchanged.
+const WORKERS_PER_HOLDER: usize = 4;
+
 /// How long one answer may take to arrive. A holder that stays a member but stops answering
 /// loses its pieces to the others after this; a holder that dies loses them when it is
 /// declared dead and its connections are closed, which is sooner.
@@ -716,7 +722,7 @@ pub async fn fetch(
                     continue;
                 }
                 started.insert(src.peer);
-                let n = if src.complete { 2 } else { 1 };
+                let n = if src.complete { WORKERS_PER_HOLDER } else { 1 };
                 for _ in 0..n {
                     workers.spawn(worker(
                         control.clone(),
