@@ -303,26 +303,34 @@ impl Answer {
     }
 }
 
-async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
-    tokio::time::timeout(FRAME_TIMEOUT, read_frame_inner(stream, max))
+/// Runs one exchange on a stream; `what` failed with `TimedOut` if it took over
+/// [`FRAME_TIMEOUT`].
+async fn within_frame_timeout<T>(
+    what: &str,
+    exchange: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(FRAME_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "no answer within 30 s",
+                format!("{what}: nothing within 30 s"),
             ))
         })
 }
 
-async fn read_frame_inner(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
-    let (status, len) = read_head(stream, max).await?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    Ok(match status {
-        OK => Answer::Bytes(body),
-        ELSEWHERE => Answer::Elsewhere,
-        _ => Answer::Missing,
+async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
+    within_frame_timeout("answer", async {
+        let (status, len) = read_head(stream, max).await?;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        Ok(match status {
+            OK => Answer::Bytes(body),
+            ELSEWHERE => Answer::Elsewhere,
+            _ => Answer::Missing,
+        })
     })
+    .await
 }
 
 /// Reads a frame's status byte and length, refusing a length over `max`.
@@ -341,20 +349,13 @@ async fn read_head(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<(u8
 /// Reads the answer frame for one chunk into `buf` (page-aligned, so that the store can write
 /// it with `O_DIRECT`) and returns its status; `buf` holds the chunk when that is `OK`.
 async fn read_chunk_frame(stream: &mut libp2p::Stream, buf: &mut ChunkBuf) -> std::io::Result<u8> {
-    let read = async {
+    within_frame_timeout("chunk", async {
         let (status, len) = read_head(stream, super::store::CHUNK_SIZE as u32).await?;
         buf.resize(len);
         stream.read_exact(buf.as_mut_slice()).await?;
         Ok(status)
-    };
-    tokio::time::timeout(FRAME_TIMEOUT, read)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer within 30 s",
-            ))
-        })
+    })
+    .await
 }
 
 async fn send_request(stream: &mut libp2p::Stream, req: &BlobRequest) -> std::io::Result<()> {
@@ -905,14 +906,7 @@ async fn worker(
                     .await
                     .map(Answer::bytes)
             };
-            let have = tokio::time::timeout(FRAME_TIMEOUT, have)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no answer",
-                    ))
-                });
+            let have = within_frame_timeout("have", have).await;
             match have {
                 Ok(Some(bits)) => {
                     pull.peer_has.lock().expect("have lock").insert(peer, bits);
@@ -946,23 +940,11 @@ async fn worker(
         let hashes: Vec<Hash> = batch.iter().map(|i| pull.list.chunks[*i]).collect();
         // Sending can stall on a connection that died without a reset; the chunks taken must
         // not be held forever, or the other workers would wait for them in vain.
-        let sent = tokio::time::timeout(
-            FRAME_TIMEOUT,
-            send_request(
-                &mut stream,
-                &BlobRequest::Chunks {
-                    blob: pull.blob,
-                    chunks: hashes.clone(),
-                },
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "sending timed out",
-            ))
-        });
+        let request = BlobRequest::Chunks {
+            blob: pull.blob,
+            chunks: hashes.clone(),
+        };
+        let sent = within_frame_timeout("sending", send_request(&mut stream, &request)).await;
         if let Err(e) = sent {
             pull.give_back(&batch);
             return WorkerEnd::Failed(src, fetched, e.to_string());
