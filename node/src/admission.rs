@@ -86,6 +86,12 @@ impl ClusterSecret {
         blake3::derive_key("meshwork 2026 admission v1", &self.0)
     }
 
+    /// The key that direct blob connections prove the secret with (see
+    /// [`crate::blobs::direct`]); derived one way, so it reveals nothing of the secret.
+    pub(crate) fn blob_channel_key(&self) -> [u8; 32] {
+        blake3::derive_key("meshwork 2026 blob channel v1", &self.0)
+    }
+
     fn proof(&self, role: &[u8], own: &PeerId, remote: &PeerId) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.admission_key());
         h.update(role);

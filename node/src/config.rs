@@ -33,6 +33,11 @@ pub struct MeshdArgs {
     /// Peer-to-peer address, for QUIC (UDP) and TCP alike.
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:7000")]
     pub p2p: String,
+    /// TCP port for direct blob connections (TLS, admitted by the cluster secret) on the
+    /// --p2p host: 0 takes a free one, announced to the mesh; `off` moves blobs over libp2p
+    /// streams only.
+    #[arg(long, value_name = "PORT|off", default_value = "0", value_parser = parse_blob_port)]
+    pub blob_port: BlobPort,
     /// gRPC API address.
     #[arg(long, value_name = "HOST:PORT", default_value = "0.0.0.0:7100")]
     pub grpc: String,
@@ -228,6 +233,7 @@ impl MeshdArgs {
             data_dir,
             secret,
             p2p,
+            blob_port: self.blob_port.0,
             grpc,
             http,
             join,
@@ -244,6 +250,19 @@ impl MeshdArgs {
             containerd_namespace: self.containerd_namespace,
         })
     }
+}
+
+/// `--blob-port`: a port, 0 for any free one, or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobPort(pub Option<u16>);
+
+fn parse_blob_port(text: &str) -> Result<BlobPort, String> {
+    if text == "off" {
+        return Ok(BlobPort(None));
+    }
+    text.parse::<u16>()
+        .map(|p| BlobPort(Some(p)))
+        .map_err(|_| format!("{text:?} is neither a port (0-65535) nor `off`"))
 }
 
 /// Parses `--job-retention`: a duration of at least a second.
@@ -308,5 +327,15 @@ mod tests {
             MeshdArgs::try_parse_from(["meshd"]).is_err(),
             "data dir is required"
         );
+        // The blob port: any free one by default, a given one, or off.
+        assert_eq!(args(&[]).into_config().unwrap().blob_port, Some(0));
+        let c = args(&["--blob-port", "7300"]).into_config().unwrap();
+        assert_eq!(c.blob_port, Some(7300));
+        let c = args(&["--blob-port", "off"]).into_config().unwrap();
+        assert_eq!(c.blob_port, None);
+        let e = MeshdArgs::try_parse_from(["meshd", "--dev", "--blob-port", "99999"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--blob-port") && e.contains("nor `off`"), "{e}");
     }
 }

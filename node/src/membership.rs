@@ -52,6 +52,8 @@ pub struct Heartbeat {
     pub workloads: u32,
     /// meshd version.
     pub version: String,
+    /// TCP port of its direct blob connections on the hosts of `addrs` (0: it takes none).
+    pub blob_port: u16,
 }
 
 /// Failure-detector verdict.
@@ -282,6 +284,7 @@ mod tests {
             disk_free_bytes: 0,
             workloads: 0,
             version: "test".into(),
+            blob_port: 0,
         }
     }
 

@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::admission::ClusterSecret;
+use crate::blobs::direct::{DirectTls, direct_addrs};
 use crate::blobs::store::{BlobStore, StoreError};
-use crate::blobs::transfer::{self, ServeMode};
+use crate::blobs::transfer::{self, BlobDialer, DirectAddrs, ServeMode};
 use crate::capacity::CapacityProbe;
 use crate::datadir::{DataDir, DataDirError};
 use crate::functions::Functions;
@@ -39,6 +40,9 @@ pub struct NodeConfig {
     pub secret: ClusterSecret,
     /// libp2p address (QUIC on UDP and TCP on the same port).
     pub p2p: SocketAddr,
+    /// Port for direct blob connections on the p2p host (0: any free one; `None`: blobs move
+    /// over libp2p streams only; see [`crate::blobs::direct`]).
+    pub blob_port: Option<u16>,
     /// gRPC API address.
     pub grpc: SocketAddr,
     /// HTTP listener address (health, metrics, later the gateway).
@@ -125,6 +129,8 @@ pub struct NodeState {
     /// control loops wait on it (see `pacing`).
     changes: watch::Sender<u64>,
     network: mpsc::UnboundedSender<NetworkCommand>,
+    /// The port this node takes direct blob connections on (0: none); advertised in heartbeats.
+    pub blob_port: u16,
 }
 
 impl NodeState {
@@ -202,6 +208,7 @@ impl NodeState {
             pending: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             network: mpsc::unbounded_channel().0,
+            blob_port: 0,
         })
     }
 
@@ -219,6 +226,16 @@ impl NodeState {
         self.state_changed();
         Ok(entry)
     }
+}
+
+/// Where each member takes direct blob connections, from its last heartbeat.
+fn direct_addrs_of(state: Arc<NodeState>) -> DirectAddrs {
+    Arc::new(move |peer| {
+        let table = state.membership.read().expect("membership lock");
+        table.get(&peer.to_string()).map_or_else(Vec::new, |m| {
+            direct_addrs(&m.heartbeat.addrs, m.heartbeat.blob_port)
+        })
+    })
 }
 
 /// A started node; dropping it does not stop it, call [`Node::shutdown`].
@@ -260,6 +277,21 @@ impl Node {
                     addr: config.http,
                     source,
                 })?;
+        let blob_listener = match config.blob_port {
+            Some(port) => {
+                let addr = SocketAddr::new(config.p2p.ip(), port);
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| NodeError::Bind {
+                            what: "direct blob",
+                            addr,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let grpc_addr = grpc_listener.local_addr().expect("bound");
         let http_addr = http_listener.local_addr().expect("bound");
 
@@ -279,9 +311,12 @@ impl Node {
             pending: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             network: net_tx.clone(),
+            blob_port: blob_listener
+                .as_ref()
+                .map_or(0, |l| l.local_addr().expect("bound").port()),
         });
         let network = MeshNetwork::new(
-            key,
+            key.clone(),
             config.secret.clone(),
             &NetworkConfig {
                 listen: config.p2p,
@@ -296,7 +331,16 @@ impl Node {
         )?;
 
         let control = network.blob_control();
-        let registry = Arc::new(Registry::new(state.clone(), store.clone(), control.clone()));
+        let direct_tls = blob_listener
+            .as_ref()
+            .map(|_| Arc::new(DirectTls::new(key.clone(), &config.secret)));
+        let dialer = BlobDialer::new(
+            control.clone(),
+            direct_tls
+                .clone()
+                .map(|tls| (tls, direct_addrs_of(state.clone()))),
+        );
+        let registry = Arc::new(Registry::new(state.clone(), store.clone(), dialer));
         let functions = Functions::new(
             state.clone(),
             registry.clone(),
@@ -349,6 +393,7 @@ impl Node {
         };
         tasks.spawn(transfer::serve(
             control,
+            blob_listener.zip(direct_tls),
             store,
             holds,
             serve_mode,

@@ -475,6 +475,7 @@ impl MeshNetwork {
             incarnation: self.incarnation,
             seq: self.seq,
             addrs: self.listen_addrs(),
+            blob_port: self.node.blob_port,
             labels: {
                 let mut labels = self.node.labels.clone();
                 if self
@@ -530,6 +531,7 @@ impl MeshNetwork {
             disk_free_bytes: 0,
             workloads: 0,
             version: "lie".into(),
+            blob_port: 0,
         };
         let bytes = postcard::to_allocvec(&phantom).expect("heartbeat serializes");
         self.publish(self.hb_topic.clone(), bytes);

@@ -26,7 +26,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::blobs::store::{BlobInfo, BlobStore, Hash, StoreError};
-use crate::blobs::transfer::{self, Expected, FetchError, Source};
+use crate::blobs::transfer::{self, BlobDialer, Expected, FetchError, Source};
 use crate::containerd::{Containerd, ContainerdError, ImageToImport, ImportReport, OciBlob};
 use crate::membership::MemberState;
 use crate::node::NodeState;
@@ -217,11 +217,11 @@ pub struct Holder {
     pub alive: bool,
 }
 
-/// The registry of one node: its blob store, the transfer control, and the shared state.
+/// The registry of one node: its blob store, the dialer of blob streams, and the shared state.
 pub struct Registry {
     node: Arc<NodeState>,
     store: Arc<BlobStore>,
-    control: libp2p_stream::Control,
+    dialer: BlobDialer,
     /// One pull per blob at a time on this node: concurrent callers wait for it.
     pulls: PullGates,
 }
@@ -285,15 +285,11 @@ impl Drop for PullTurn<'_> {
 
 impl Registry {
     /// A registry over this node's store.
-    pub fn new(
-        node: Arc<NodeState>,
-        store: Arc<BlobStore>,
-        control: libp2p_stream::Control,
-    ) -> Self {
+    pub fn new(node: Arc<NodeState>, store: Arc<BlobStore>, dialer: BlobDialer) -> Self {
         Self {
             node,
             store,
-            control,
+            dialer,
             pulls: Default::default(),
         }
     }
@@ -490,7 +486,7 @@ impl Registry {
             self.node.write(&pulling_key, Some(b"1".to_vec()))?;
             let sources = || self.sources(hash);
             let result =
-                transfer::fetch(&self.control, &self.store, expected, sources, progress).await;
+                transfer::fetch(&self.dialer, &self.store, expected, sources, progress).await;
             if let Err(e) = self.node.write(&pulling_key, None) {
                 // The pull's own outcome matters more (a full disk fails both).
                 tracing::warn!(blob = %hash, error = %e, "cannot clear the pulling record");

@@ -19,6 +19,7 @@ async fn an_emitted_event_runs_the_functions_subscribed_to_it() {
         data_dir: dir.path().join("data"),
         secret: ClusterSecret::generate(),
         p2p: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        blob_port: Some(0),
         grpc: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
         join: vec![],

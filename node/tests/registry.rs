@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{TestCluster, TestNode, wait_until};
+use common::{TestCluster, TestNode, http_call, wait_until};
 use meshwork_client::{MeshClient, UploadOptions, oci, push_image};
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -69,6 +69,17 @@ async fn read_layer(node: &TestNode, reference: &str) -> Vec<u8> {
     out
 }
 
+/// Blob streams a node opened over `via` ("direct" or "libp2p"), from its /metrics.
+async fn streams_opened(node: &TestNode, via: &str) -> u64 {
+    let (status, body) = http_call(node.http, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let line = format!("mesh_blob_streams_opened_total{{via=\"{via}\"}} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_on_a_replicate_and_pull_on_c_from_several_holders() {
     let c = TestCluster::start(3);
@@ -114,6 +125,52 @@ async fn push_on_a_replicate_and_pull_on_c_from_several_holders() {
     let inspected = a.image("app:1.0").await.unwrap();
     assert_eq!(inspected.manifest.unwrap().sha256, plan.manifest.digest);
     assert_eq!(inspected.layers[0].sha256, plan.layers[0].digest);
+
+    // Every node takes direct blob connections, so every piece moved over one.
+    let mut direct = 0;
+    for node in &c.nodes {
+        direct += streams_opened(node, "direct").await;
+        assert_eq!(streams_opened(node, "libp2p").await, 0, "{}", node.name);
+    }
+    assert!(direct > 0, "no direct blob connection was opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_blob_port_pulls_and_serves_over_libp2p_streams() {
+    let c = TestCluster::start(1);
+    let secret = c.dir.path().join("secret");
+    let mut plain = TestNode::new(c.dir.path(), "plain", &secret, vec![c.nodes[0].p2p]);
+    plain.extra_args = vec!["--blob-port".into(), "off".into()];
+    plain.start();
+    c.wait_states(0, &[("n0", "alive"), ("plain", "alive")], CONVERGE)
+        .await;
+    // Pushed on each node with one copy, pulled by the other.
+    let on_plain = image_tar(c.dir.path(), "p", &noise(5 << 20, 3));
+    let on_n0 = image_tar(c.dir.path(), "q", &noise(5 << 20, 4));
+    push_image(&mut plain.client().await, &on_plain, "p:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    push_image(&mut c.nodes[0].client().await, &on_n0, "q:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    for (node, reference, tar) in [(&c.nodes[0], "p:1", &on_plain), (&plain, "q:1", &on_n0)] {
+        wait_until(CONVERGE, "the image is known", || async {
+            !holders_of(node, reference).await.is_empty()
+        })
+        .await
+        .unwrap();
+        let mut cl = node.client().await;
+        cl.pull_image(reference, |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("{reference}: {e}\n{}", plain.log_tail()));
+        let layer = read_layer(node, reference).await;
+        assert_eq!(blake3::hash(&layer), blake3::hash(&oci_layer_of(tar).1));
+    }
+    // n0 found no blob port for `plain`; `plain` opens none itself.
+    assert_eq!(streams_opened(&c.nodes[0], "direct").await, 0);
+    assert!(streams_opened(&c.nodes[0], "libp2p").await > 0);
+    assert!(streams_opened(&plain, "libp2p").await > 0);
+    assert_eq!(streams_opened(&plain, "direct").await, 0);
 }
 
 /// The first layer of an image tar: (digest, bytes).
@@ -149,7 +206,9 @@ async fn a_holder_killed_mid_pull_and_a_lying_holder_do_not_stop_the_pull() {
         c.wait_states(i, &everyone, CONVERGE).await;
     }
 
-    let payload = noise(40 << 20, 2);
+    // Large enough that the first requests of the honest holders cannot take every chunk
+    // (12 streams x 8 chunks in flight): the liar always gets some to serve.
+    let payload = noise(128 << 20, 2);
     let tar = image_tar(c.dir.path(), "big", &payload);
     let mut a = c.nodes[0].client().await;
     push_image(&mut a, &tar, "big:1", 1, |_, _| {})

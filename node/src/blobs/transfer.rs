@@ -1,7 +1,10 @@
-//! Peer-to-peer blob transfer over libp2p streams, verified piece by piece.
+//! Peer-to-peer blob transfer, verified piece by piece.
 //!
-//! Protocol `/meshwork/blobs/1`, on connections that passed admission (so pieces are only ever
-//! served to peers that hold the cluster secret). On one stream the puller sends requests,
+//! A blob stream is a direct connection where the other node takes them (TLS over TCP, admitted
+//! by the cluster secret and bound to its libp2p identity: see [`super::direct`], which also
+//! says why) and a libp2p stream of protocol `/meshwork/blobs/2` otherwise, on a connection that
+//! passed admission; either way pieces are only ever served to peers that hold the cluster
+//! secret, and [`BlobDialer`] picks. On one stream the puller sends requests,
 //! each a `u32` length and a postcard [`BlobRequest`]; the server answers each in order:
 //!
 //! - `List(blob)`: status byte, `u32` length, the blob's [`ChunkList`] encoding;
@@ -30,6 +33,7 @@
 //! in the store are not fetched again, so an interrupted pull resumes where it stopped.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +42,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
+use super::direct::DirectTls;
 use super::store::{
     BlobInfo, BlobStore, ChainingValue, ChunkBuf, ChunkList, Hash, StoreError, chunk_cv,
 };
@@ -132,10 +137,13 @@ pub enum ServeMode {
 /// Whether a node holds the whole of a blob, according to the replicated state.
 pub type Holds = Arc<dyn Fn(&Hash, &PeerId) -> bool + Send + Sync>;
 
-/// Serves blob streams from `store` until `shutdown` turns true. `holds` tells which peers
-/// have finished pulling a blob (see [`SeedLedger::grant`]).
+/// Serves blob streams from `store` until `shutdown` turns true: those opened over libp2p, and
+/// those that come as direct connections on `direct`'s listener once they passed its admission
+/// (see [`super::direct`]). `holds` tells which peers have finished pulling a blob (see
+/// [`SeedLedger::grant`]).
 pub async fn serve(
     mut control: libp2p_stream::Control,
+    direct: Option<(tokio::net::TcpListener, Arc<DirectTls>)>,
     store: Arc<BlobStore>,
     holds: Holds,
     mode: ServeMode,
@@ -149,18 +157,86 @@ pub async fn serve(
         }
     };
     let ledger = Arc::new(Mutex::new(SeedLedger::default()));
+    let serving = Serving {
+        store,
+        ledger,
+        holds,
+        mode,
+    };
+    let mut accepting = tokio::task::JoinSet::new();
+    if let Some((listener, tls)) = direct {
+        accepting.spawn(serve_direct(
+            listener,
+            tls,
+            serving.clone(),
+            shutdown.clone(),
+        ));
+    }
     loop {
         let next = tokio::select! {
             next = incoming.next() => next,
             _ = shutdown.changed() => None,
         };
         let Some((peer, stream)) = next else { break };
-        let store = store.clone();
-        let ledger = ledger.clone();
-        let holds = holds.clone();
+        tokio::spawn(serving.clone().stream(peer, stream));
+    }
+    accepting.shutdown().await;
+}
+
+/// What serving a blob stream needs, whatever carries it.
+#[derive(Clone)]
+struct Serving {
+    store: Arc<BlobStore>,
+    ledger: Arc<Mutex<SeedLedger>>,
+    holds: Holds,
+    mode: ServeMode,
+}
+
+impl Serving {
+    async fn stream(
+        self,
+        peer: PeerId,
+        stream: impl futures::AsyncRead + futures::AsyncWrite + Unpin,
+    ) {
+        if let Err(e) =
+            serve_stream(peer, stream, self.store, self.ledger, self.holds, self.mode).await
+        {
+            tracing::debug!(%peer, error = %e, "blob stream ended");
+        }
+    }
+}
+
+/// Accepts direct blob connections until `shutdown`; each serves blob requests once the peer
+/// proved the cluster secret and its identity.
+async fn serve_direct(
+    listener: tokio::net::TcpListener,
+    tls: Arc<DirectTls>,
+    serving: Serving,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, say: wait a moment rather than spin.
+                tracing::warn!(error = %e, "cannot accept a direct blob connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let tls = tls.clone();
+        let serving = serving.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(peer, stream, store, ledger, holds, mode).await {
-                tracing::debug!(%peer, error = %e, "blob stream ended");
+            match tls.accept(tcp, addr).await {
+                Ok((peer, stream)) => serving.stream(peer, stream).await,
+                Err(e) => {
+                    metrics::counter!("mesh_blob_direct_refused_total").increment(1);
+                    tracing::warn!(%addr, error = %e, "direct blob connection not admitted");
+                }
             }
         });
     }
@@ -168,7 +244,7 @@ pub async fn serve(
 
 async fn serve_stream(
     peer: PeerId,
-    mut stream: libp2p::Stream,
+    mut stream: impl futures::AsyncRead + futures::AsyncWrite + Unpin,
     store: Arc<BlobStore>,
     ledger: Arc<Mutex<SeedLedger>>,
     holds: Holds,
@@ -264,12 +340,76 @@ async fn serve_stream(
     }
 }
 
-async fn write_frame(stream: &mut libp2p::Stream, status: u8, body: &[u8]) -> std::io::Result<()> {
+async fn write_frame(
+    stream: &mut (impl futures::AsyncWrite + Unpin),
+    status: u8,
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut head = [0u8; 5];
     head[0] = status;
     head[1..].copy_from_slice(&(body.len() as u32).to_le_bytes());
     stream.write_all(&head).await?;
     stream.write_all(body).await
+}
+
+/// A blob stream, whatever carries it: a libp2p stream or a direct connection.
+pub trait BlobStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
+
+impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> BlobStream for T {}
+
+/// Where a peer takes direct blob connections, as its heartbeat says (none if it takes none).
+pub type DirectAddrs = Arc<dyn Fn(&PeerId) -> Vec<SocketAddr> + Send + Sync>;
+
+/// Opens blob streams to peers: a direct connection (see [`super::direct`]) where the peer
+/// takes them, else, or if that fails, a libp2p stream.
+#[derive(Clone)]
+pub struct BlobDialer {
+    control: libp2p_stream::Control,
+    direct: Option<(Arc<DirectTls>, DirectAddrs)>,
+}
+
+impl BlobDialer {
+    /// A dialer over `control`, trying direct connections first when `direct` is given.
+    pub fn new(
+        control: libp2p_stream::Control,
+        direct: Option<(Arc<DirectTls>, DirectAddrs)>,
+    ) -> Self {
+        Self { control, direct }
+    }
+
+    /// Opens a blob stream to `peer`. Direct connections to each of its addresses are tried at
+    /// once (a node on several networks lists addresses this one cannot reach) and the first to
+    /// pass admission is taken.
+    pub async fn open(&self, peer: PeerId) -> std::io::Result<Box<dyn BlobStream>> {
+        if let Some((tls, addrs)) = &self.direct {
+            let tries: Vec<_> = addrs(&peer)
+                .into_iter()
+                .map(|addr| Box::pin(tls.connect(addr, peer)))
+                .collect();
+            if !tries.is_empty() {
+                match futures::future::select_ok(tries).await {
+                    Ok((stream, _)) => {
+                        metrics::counter!("mesh_blob_streams_opened_total", "via" => "direct")
+                            .increment(1);
+                        return Ok(Box::new(stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e,
+                            "no direct blob connection; using a libp2p stream");
+                    }
+                }
+            }
+        }
+        let mut control = self.control.clone();
+        let stream = tokio::time::timeout(FRAME_TIMEOUT, control.open_stream(peer, PROTOCOL))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "opening a stream timed out")
+            })?
+            .map_err(std::io::Error::other)?;
+        metrics::counter!("mesh_blob_streams_opened_total", "via" => "libp2p").increment(1);
+        Ok(Box::new(stream))
+    }
 }
 
 /// Streams a pull opens to each complete holder (a fellow puller gets one). Each has one
@@ -319,7 +459,10 @@ async fn within_frame_timeout<T>(
         })
 }
 
-async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<Answer> {
+async fn read_frame(
+    stream: &mut (impl futures::AsyncRead + Unpin),
+    max: u32,
+) -> std::io::Result<Answer> {
     within_frame_timeout("answer", async {
         let (status, len) = read_head(stream, max).await?;
         let mut body = vec![0u8; len];
@@ -334,7 +477,10 @@ async fn read_frame(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<An
 }
 
 /// Reads a frame's status byte and length, refusing a length over `max`.
-async fn read_head(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<(u8, usize)> {
+async fn read_head(
+    stream: &mut (impl futures::AsyncRead + Unpin),
+    max: u32,
+) -> std::io::Result<(u8, usize)> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await?;
     let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
@@ -348,7 +494,10 @@ async fn read_head(stream: &mut libp2p::Stream, max: u32) -> std::io::Result<(u8
 
 /// Reads the answer frame for one chunk into `buf` (page-aligned, so that the store can write
 /// it with `O_DIRECT`) and returns its status; `buf` holds the chunk when that is `OK`.
-async fn read_chunk_frame(stream: &mut libp2p::Stream, buf: &mut ChunkBuf) -> std::io::Result<u8> {
+async fn read_chunk_frame(
+    stream: &mut (impl futures::AsyncRead + Unpin),
+    buf: &mut ChunkBuf,
+) -> std::io::Result<u8> {
     within_frame_timeout("chunk", async {
         let (status, len) = read_head(stream, super::store::CHUNK_SIZE as u32).await?;
         buf.resize(len);
@@ -358,7 +507,10 @@ async fn read_chunk_frame(stream: &mut libp2p::Stream, buf: &mut ChunkBuf) -> st
     .await
 }
 
-async fn send_request(stream: &mut libp2p::Stream, req: &BlobRequest) -> std::io::Result<()> {
+async fn send_request(
+    stream: &mut (impl futures::AsyncWrite + Unpin),
+    req: &BlobRequest,
+) -> std::io::Result<()> {
     let bytes = postcard::to_allocvec(req).expect("requests serialize");
     stream
         .write_all(&(bytes.len() as u32).to_le_bytes())
@@ -620,7 +772,7 @@ impl Pull {
 /// holders and fellow pullers at the start and then twice a second, so pullers that start
 /// later are used too. `progress` is called with the bytes of each chunk as it is stored.
 pub async fn fetch(
-    control: &libp2p_stream::Control,
+    dialer: &BlobDialer,
     store: &Arc<BlobStore>,
     expected: Expected,
     sources: impl Fn() -> Vec<Source> + Send + Sync,
@@ -655,7 +807,7 @@ pub async fn fetch(
     let mut ordered = initial.clone();
     ordered.sort_by_key(|s| !s.complete);
     for src in &ordered {
-        match fetch_list(control.clone(), src.peer, blob).await {
+        match fetch_list(dialer, src.peer, blob).await {
             Ok(Some(l)) if l.hash() == expected.chunks_hash => {
                 list = Some(l);
                 break;
@@ -726,7 +878,7 @@ pub async fn fetch(
                 let n = if src.complete { WORKERS_PER_HOLDER } else { 1 };
                 for _ in 0..n {
                     workers.spawn(worker(
-                        control.clone(),
+                        dialer.clone(),
                         store.clone(),
                         src,
                         pull.clone(),
@@ -850,14 +1002,11 @@ pub async fn fetch(
 }
 
 async fn fetch_list(
-    mut control: libp2p_stream::Control,
+    dialer: &BlobDialer,
     peer: PeerId,
     blob: Hash,
 ) -> std::io::Result<Option<ChunkList>> {
-    let mut stream = control
-        .open_stream(peer, PROTOCOL)
-        .await
-        .map_err(std::io::Error::other)?;
+    let mut stream = dialer.open(peer).await?;
     send_request(&mut stream, &BlobRequest::List(blob)).await?;
     let body = read_frame(&mut stream, MAX_LIST_BYTES).await?.bytes();
     let _ = stream.close().await;
@@ -873,7 +1022,7 @@ enum WorkerEnd {
 
 /// Fetches chunks from one source until the pull is done or the source fails or lies.
 async fn worker(
-    mut control: libp2p_stream::Control,
+    dialer: BlobDialer,
     store: Arc<BlobStore>,
     src: Source,
     pull: Arc<Pull>,
@@ -881,11 +1030,9 @@ async fn worker(
 ) -> WorkerEnd {
     let peer = src.peer;
     let mut fetched = 0usize;
-    let opened = tokio::time::timeout(FRAME_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
-    let mut stream = match opened {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return WorkerEnd::Failed(src, 0, e.to_string()),
-        Err(_) => return WorkerEnd::Failed(src, 0, "opening a stream timed out".into()),
+    let mut stream = match dialer.open(peer).await {
+        Ok(s) => s,
+        Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
     };
     let blob_list_len = pull.list.chunks.len();
     let mut idle_rounds = 0u32;

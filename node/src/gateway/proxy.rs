@@ -723,6 +723,7 @@ mod tests {
             disk_free_bytes: 0,
             workloads: 0,
             version: "test".into(),
+            blob_port: 0,
         };
         let t0 = std::time::Instant::now();
         node.membership
