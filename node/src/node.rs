@@ -16,12 +16,12 @@ use tokio::task::JoinSet;
 use crate::admission::ClusterSecret;
 use crate::blobs::direct::{DirectTls, direct_addrs};
 use crate::blobs::store::{BlobStore, StoreError};
-use crate::blobs::transfer::{self, BlobDialer, DirectAddrs, ServeMode};
+use crate::blobs::transfer::{self, BlobDialer, DirectAddrs, IsDead, ServeMode};
 use crate::capacity::CapacityProbe;
 use crate::datadir::{DataDir, DataDirError};
 use crate::functions::Functions;
 use crate::functions::triggers::Triggers;
-use crate::membership::{FailureDetector, MembershipTable};
+use crate::membership::{FailureDetector, MemberState, MembershipTable};
 use crate::p2p::{MeshNetwork, NetworkCommand, NetworkConfig, NetworkError};
 use crate::registry::Registry;
 use crate::replica::{Replica, ReplicaError};
@@ -238,6 +238,16 @@ fn direct_addrs_of(state: Arc<NodeState>) -> DirectAddrs {
     })
 }
 
+/// Whether the membership declared a peer dead (an unknown peer is not).
+fn declared_dead(state: Arc<NodeState>) -> IsDead {
+    Arc::new(move |peer| {
+        let table = state.membership.read().expect("membership lock");
+        table
+            .get(&peer.to_string())
+            .is_some_and(|m| m.state == MemberState::Dead)
+    })
+}
+
 /// A started node; dropping it does not stop it, call [`Node::shutdown`].
 pub struct Node {
     state: Arc<NodeState>,
@@ -339,6 +349,7 @@ impl Node {
             direct_tls
                 .clone()
                 .map(|tls| (tls, direct_addrs_of(state.clone()))),
+            declared_dead(state.clone()),
         );
         let registry = Arc::new(Registry::new(state.clone(), store.clone(), dialer));
         let functions = Functions::new(

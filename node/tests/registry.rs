@@ -270,6 +270,78 @@ async fn a_holder_killed_mid_pull_and_a_lying_holder_do_not_stop_the_pull() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_mid_pull_is_given_up_once_declared_dead_and_the_pull_resumes_later() {
+    let c = TestCluster::start(2);
+    alive_all(&c).await;
+    let payload = noise(128 << 20, 5);
+    let tar = image_tar(c.dir.path(), "paused", &payload);
+    push_image(
+        &mut c.nodes[0].client().await,
+        &tar,
+        "paused:1",
+        1,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    wait_until(CONVERGE, "n1 knows the image", || async {
+        !holders_of(&c.nodes[1], "paused:1").await.is_empty()
+    })
+    .await
+    .unwrap();
+
+    // n1 pulls over direct connections from n0, the only holder, which stops mid-pull: its
+    // sockets stay open, so nothing fails by itself until the 30 s frame timeout.
+    let started = Arc::new(AtomicBool::new(false));
+    let s = started.clone();
+    let endpoint = c.nodes[1].endpoint();
+    let pull = tokio::spawn(async move {
+        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
+        cl.pull_image("paused:1", move |done, _| {
+            // Into the layer (config and manifest are small and come first).
+            if done > 8 << 20 {
+                s.store(true, Ordering::SeqCst);
+            }
+        })
+        .await
+    });
+    wait_until(CONVERGE, "the pull has started", || async {
+        started.load(Ordering::SeqCst)
+    })
+    .await
+    .unwrap();
+    c.nodes[0].signal("STOP");
+    // Once n1 declares n0 dead (about 4 s), its streams to n0 are given up, without waiting
+    // for the frame timeout.
+    let log = c.nodes[1].log.clone();
+    let gave_up = wait_until(CONVERGE, "n1 gives up n0's streams as dead", || async {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("the node was declared dead"))
+    })
+    .await;
+    c.nodes[0].signal("CONT");
+    gave_up.unwrap_or_else(|e| panic!("{e}\n{}", c.nodes[1].log_tail()));
+    let timed_out = std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("nothing within 30 s");
+    assert!(
+        !timed_out,
+        "a stream waited out the frame timeout:\n{}",
+        c.nodes[1].log_tail()
+    );
+    // That pull may have failed (no holder left) or finished once n0 came back; another one
+    // completes either way, and the bytes are the pushed bytes.
+    let _ = pull.await.unwrap();
+    c.wait_states(1, &[("n0", "alive"), ("n1", "alive")], CONVERGE)
+        .await;
+    let mut cl = c.nodes[1].client().await;
+    cl.pull_image("paused:1", |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("pull after the resume: {e}\n{}", c.logs()));
+    let layer = read_layer(&c.nodes[1], "paused:1").await;
+    assert_eq!(blake3::hash(&layer), blake3::hash(&oci_layer_of(&tar).1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_collects_what_nothing_refers_to_and_nothing_else() {
     let c = TestCluster::start(1);
     let mut cl = c.nodes[0].client().await;

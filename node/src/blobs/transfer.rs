@@ -206,6 +206,10 @@ impl Serving {
     }
 }
 
+/// Direct connections that may be in their handshake at once; more are closed at once, so a
+/// flood of connections that never prove anything costs a bounded amount.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+
 /// Accepts direct blob connections until `shutdown`; each serves blob requests once the peer
 /// proved the cluster secret and its identity.
 async fn serve_direct(
@@ -214,6 +218,7 @@ async fn serve_direct(
     serving: Serving,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -228,10 +233,17 @@ async fn serve_direct(
                 continue;
             }
         };
+        let Ok(handshake) = pending.clone().try_acquire_owned() else {
+            metrics::counter!("mesh_blob_direct_refused_total").increment(1);
+            tracing::warn!(%addr, "too many direct blob connections in their handshake; closed");
+            continue;
+        };
         let tls = tls.clone();
         let serving = serving.clone();
         tokio::spawn(async move {
-            match tls.accept(tcp, addr).await {
+            let admitted = tls.accept(tcp, addr).await;
+            drop(handshake);
+            match admitted {
                 Ok((peer, stream)) => serving.stream(peer, stream).await,
                 Err(e) => {
                     metrics::counter!("mesh_blob_direct_refused_total").increment(1);
@@ -360,21 +372,61 @@ impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> BlobStream for 
 /// Where a peer takes direct blob connections, as its heartbeat says (none if it takes none).
 pub type DirectAddrs = Arc<dyn Fn(&PeerId) -> Vec<SocketAddr> + Send + Sync>;
 
+/// Whether the membership has declared a peer dead.
+pub type IsDead = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
+/// How often an exchange in flight looks whether its peer was declared dead.
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
 /// Opens blob streams to peers: a direct connection (see [`super::direct`]) where the peer
 /// takes them, else, or if that fails, a libp2p stream.
 #[derive(Clone)]
 pub struct BlobDialer {
     control: libp2p_stream::Control,
     direct: Option<(Arc<DirectTls>, DirectAddrs)>,
+    dead: IsDead,
 }
 
 impl BlobDialer {
-    /// A dialer over `control`, trying direct connections first when `direct` is given.
+    /// A dialer over `control`, trying direct connections first when `direct` is given; `dead`
+    /// tells when to give up on a peer's streams (see [`BlobDialer::while_alive`]).
     pub fn new(
         control: libp2p_stream::Control,
         direct: Option<(Arc<DirectTls>, DirectAddrs)>,
+        dead: IsDead,
     ) -> Self {
-        Self { control, direct }
+        Self {
+            control,
+            direct,
+            dead,
+        }
+    }
+
+    /// Runs one exchange with `peer`, failing it as soon as the membership declares the peer
+    /// dead. libp2p closes its connection to a dead member, which fails its streams at once;
+    /// a direct connection to a node that was paused or cut off would otherwise wait out
+    /// [`FRAME_TIMEOUT`] before its pieces went to other holders.
+    async fn while_alive<T>(
+        &self,
+        peer: PeerId,
+        exchange: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        tokio::pin!(exchange);
+        let mut check = tokio::time::interval(LIVENESS_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                done = &mut exchange => return done,
+                _ = check.tick() => {
+                    if (self.dead)(&peer) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the node was declared dead",
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Opens a blob stream to `peer`. Direct connections to each of its addresses are tried at
@@ -925,6 +977,7 @@ pub async fn fetch(
                     }
                 }
                 WorkerEnd::Failed(src, n, why) => {
+                    tracing::debug!(peer = %src.peer, %blob, error = %why, "blob stream failed");
                     if src.complete {
                         report.chunks_from_holders += n;
                         // A holder whose connection broke (a reconnect, a timeout) is asked
@@ -1006,9 +1059,12 @@ async fn fetch_list(
     peer: PeerId,
     blob: Hash,
 ) -> std::io::Result<Option<ChunkList>> {
-    let mut stream = dialer.open(peer).await?;
-    send_request(&mut stream, &BlobRequest::List(blob)).await?;
-    let body = read_frame(&mut stream, MAX_LIST_BYTES).await?.bytes();
+    let mut stream = dialer.while_alive(peer, dialer.open(peer)).await?;
+    let exchange = async {
+        send_request(&mut stream, &BlobRequest::List(blob)).await?;
+        read_frame(&mut stream, MAX_LIST_BYTES).await
+    };
+    let body = dialer.while_alive(peer, exchange).await?.bytes();
     let _ = stream.close().await;
     Ok(body.and_then(|b| ChunkList::decode(&b)))
 }
@@ -1030,7 +1086,7 @@ async fn worker(
 ) -> WorkerEnd {
     let peer = src.peer;
     let mut fetched = 0usize;
-    let mut stream = match dialer.open(peer).await {
+    let mut stream = match dialer.while_alive(peer, dialer.open(peer)).await {
         Ok(s) => s,
         Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
     };
@@ -1053,7 +1109,9 @@ async fn worker(
                     .await
                     .map(Answer::bytes)
             };
-            let have = within_frame_timeout("have", have).await;
+            let have = dialer
+                .while_alive(peer, within_frame_timeout("have", have))
+                .await;
             match have {
                 Ok(Some(bits)) => {
                     pull.peer_has.lock().expect("have lock").insert(peer, bits);
@@ -1091,7 +1149,12 @@ async fn worker(
             blob: pull.blob,
             chunks: hashes.clone(),
         };
-        let sent = within_frame_timeout("sending", send_request(&mut stream, &request)).await;
+        let sent = dialer
+            .while_alive(
+                peer,
+                within_frame_timeout("sending", send_request(&mut stream, &request)),
+            )
+            .await;
         if let Err(e) = sent {
             pull.give_back(&batch);
             return WorkerEnd::Failed(src, fetched, e.to_string());
@@ -1103,7 +1166,10 @@ async fn worker(
                 .expect("bufs lock")
                 .pop()
                 .unwrap_or_else(|| ChunkBuf::with_capacity(0, super::store::CHUNK_SIZE));
-            match read_chunk_frame(&mut stream, &mut body).await {
+            match dialer
+                .while_alive(peer, read_chunk_frame(&mut stream, &mut body))
+                .await
+            {
                 Ok(OK) => {}
                 Ok(ELSEWHERE) => {
                     // Another puller got it from this holder a moment ago.

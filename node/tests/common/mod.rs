@@ -121,6 +121,16 @@ impl TestNode {
         }
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`, …) to the running process.
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("running");
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
     /// Sends SIGTERM and waits (bounded) for a clean exit; returns whether it exited 0.
     pub fn terminate(&mut self, within: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
