@@ -342,6 +342,59 @@ async fn a_holder_paused_mid_pull_is_given_up_once_declared_dead_and_the_pull_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blob_port_admits_members_only() {
+    use meshwork_node::admission::ClusterSecret;
+    use meshwork_node::blobs::direct::{DirectError, DirectTls};
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = common::write_secret(dir.path(), "secret");
+    let port = common::free_port();
+    let mut node = TestNode::new(dir.path(), "n0", &secret, vec![]);
+    node.extra_args = vec!["--blob-port".into(), port.to_string()];
+    node.start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Up once it answers on HTTP (every listener is bound before any is served); no probe
+    // of the blob port, which would count as a refused connection.
+    wait_until(CONVERGE, "the node answers", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", node.http))
+            .await
+            .is_ok()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail()));
+    let anyone = libp2p::identity::Keypair::generate_ed25519();
+    let someone_else = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+
+    // Without the secret: refused, and the node said nothing about itself.
+    let stranger = DirectTls::new(anyone.clone(), &ClusterSecret::generate());
+    let refused = stranger.connect(addr, someone_else).await;
+    assert!(
+        matches!(refused, Err(DirectError::Refused(_))),
+        "{refused:?}"
+    );
+    wait_until(CONVERGE, "the node counts one refusal", || async {
+        let (_, metrics) = http_call(node.http, "GET", "/metrics", b"").await;
+        String::from_utf8_lossy(&metrics).contains("mesh_blob_direct_refused_total 1\n")
+    })
+    .await
+    .unwrap();
+
+    // With it: admitted, and the node proves who it is (here not the peer asked for).
+    let member_secret =
+        ClusterSecret::from_hex(&std::fs::read_to_string(&secret).unwrap()).unwrap();
+    let member = DirectTls::new(anyone, &member_secret);
+    match member.connect(addr, someone_else).await {
+        Err(DirectError::WrongPeer { found, .. }) => assert_ne!(*found, someone_else),
+        other => panic!(
+            "expected the node's own peer id, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_collects_what_nothing_refers_to_and_nothing_else() {
     let c = TestCluster::start(1);
     let mut cl = c.nodes[0].client().await;
