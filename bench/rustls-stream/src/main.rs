@@ -60,6 +60,10 @@ async fn main() {
         hs.push(tokio::spawn(async move {
             let s = tokio::net::TcpStream::connect(addr).await.unwrap();
             s.set_nodelay(true).unwrap();
+            // BUFREAD=N: the receiver reads the socket through an N-byte buffer (rustls alone
+            // asks the socket for 4 KiB at a time).
+            let bufread: usize = std::env::var("BUFREAD").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let s = tokio::io::BufReader::with_capacity(bufread.max(1), s);
             let mut t = c.connect("x".try_into().unwrap(), s).await.unwrap();
             let mut buf = vec![0u8; 1 << 20];
             let mut got = 0;
