@@ -263,93 +263,125 @@ async fn serve_stream(
     mode: ServeMode,
 ) -> std::io::Result<()> {
     loop {
-        let mut len = [0u8; 4];
-        match stream.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let len = u32::from_le_bytes(len);
-        if len > MAX_REQUEST_BYTES {
-            metrics::counter!("mesh_bad_messages_total", "reason" => "blob-request").increment(1);
-            return Err(std::io::Error::other("oversized blob request"));
-        }
-        let mut buf = vec![0u8; len as usize];
-        stream.read_exact(&mut buf).await?;
-        let Ok(request) = postcard::from_bytes::<BlobRequest>(&buf) else {
-            metrics::counter!("mesh_bad_messages_total", "reason" => "blob-request").increment(1);
-            return Err(std::io::Error::other("malformed blob request"));
-        };
-        match request {
-            BlobRequest::List(h) => {
-                let s = store.clone();
-                let list = tokio::task::spawn_blocking(move || s.any_list(&h))
-                    .await
-                    .map_err(std::io::Error::other)?;
-                match list {
-                    Some(l) => write_frame(&mut stream, OK, &l.encode()).await?,
-                    None => write_frame(&mut stream, MISSING, &[]).await?,
-                }
+        match tokio::time::timeout(
+            SERVE_STEP_TIMEOUT,
+            serve_request(peer, &mut stream, &store, &ledger, &holds, mode),
+        )
+        .await
+        {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request, or an answer not taken, within 2 minutes",
+                ));
             }
-            BlobRequest::Have(h) => {
-                let s = store.clone();
-                let bitmap = tokio::task::spawn_blocking(move || {
-                    let complete = s.has(&h);
-                    s.any_list(&h).map(|l| {
-                        let mut bits = vec![0u8; l.chunks.len().div_ceil(8)];
-                        for (i, c) in l.chunks.iter().enumerate() {
-                            if complete || s.has_chunk(c) {
-                                bits[i / 8] |= 1 << (i % 8);
-                            }
-                        }
-                        bits
-                    })
-                })
+        }
+    }
+}
+
+/// How long a served stream may wait for its next request, or for the puller to take an
+/// answer. A puller that died or was cut off is not noticed otherwise on a direct connection
+/// (libp2p closes the connection of a dead member; TCP keeps a silent one open).
+const SERVE_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads one request and answers it; false at the end of the stream.
+async fn serve_request(
+    peer: PeerId,
+    stream: &mut (impl futures::AsyncRead + futures::AsyncWrite + Unpin),
+    store: &Arc<BlobStore>,
+    ledger: &Mutex<SeedLedger>,
+    holds: &Holds,
+    mode: ServeMode,
+) -> std::io::Result<bool> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_REQUEST_BYTES {
+        metrics::counter!("mesh_bad_messages_total", "reason" => "blob-request").increment(1);
+        return Err(std::io::Error::other("oversized blob request"));
+    }
+    let mut buf = vec![0u8; len as usize];
+    stream.read_exact(&mut buf).await?;
+    let Ok(request) = postcard::from_bytes::<BlobRequest>(&buf) else {
+        metrics::counter!("mesh_bad_messages_total", "reason" => "blob-request").increment(1);
+        return Err(std::io::Error::other("malformed blob request"));
+    };
+    match request {
+        BlobRequest::List(h) => {
+            let s = store.clone();
+            let list = tokio::task::spawn_blocking(move || s.any_list(&h))
                 .await
                 .map_err(std::io::Error::other)?;
-                match bitmap {
-                    Some(b) => write_frame(&mut stream, OK, &b).await?,
-                    None => write_frame(&mut stream, MISSING, &[]).await?,
-                }
+            match list {
+                Some(l) => write_frame(stream, OK, &l.encode()).await?,
+                None => write_frame(stream, MISSING, &[]).await?,
             }
-            BlobRequest::Chunks { blob, chunks } => {
-                if chunks.len() > MAX_CHUNKS_PER_REQUEST {
-                    return Err(std::io::Error::other("too many chunks in one request"));
-                }
-                // Only a complete holder seeds; a fellow puller trades whatever it has.
-                let seeding = store.has(&blob);
-                for h in chunks {
-                    if seeding
-                        && !ledger.lock().expect("ledger lock").grant(
-                            h,
-                            peer,
-                            Instant::now(),
-                            |other| holds(&blob, other),
-                        )
-                    {
-                        write_frame(&mut stream, ELSEWHERE, &[]).await?;
-                        continue;
-                    }
-                    let s = store.clone();
-                    let bytes = tokio::task::spawn_blocking(move || s.read_chunk(&h))
-                        .await
-                        .map_err(std::io::Error::other)?;
-                    match bytes {
-                        Ok(mut b) => {
-                            if mode == ServeMode::CorruptPieces && !b.is_empty() {
-                                b[0] ^= 0xff;
-                            }
-                            metrics::counter!("mesh_blob_bytes_served_total")
-                                .increment(b.len() as u64);
-                            write_frame(&mut stream, OK, &b).await?
+        }
+        BlobRequest::Have(h) => {
+            let s = store.clone();
+            let bitmap = tokio::task::spawn_blocking(move || {
+                let complete = s.has(&h);
+                s.any_list(&h).map(|l| {
+                    let mut bits = vec![0u8; l.chunks.len().div_ceil(8)];
+                    for (i, c) in l.chunks.iter().enumerate() {
+                        if complete || s.has_chunk(c) {
+                            bits[i / 8] |= 1 << (i % 8);
                         }
-                        Err(_) => write_frame(&mut stream, MISSING, &[]).await?,
                     }
+                    bits
+                })
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            match bitmap {
+                Some(b) => write_frame(stream, OK, &b).await?,
+                None => write_frame(stream, MISSING, &[]).await?,
+            }
+        }
+        BlobRequest::Chunks { blob, chunks } => {
+            if chunks.len() > MAX_CHUNKS_PER_REQUEST {
+                return Err(std::io::Error::other("too many chunks in one request"));
+            }
+            // Only a complete holder seeds; a fellow puller trades whatever it has.
+            let seeding = store.has(&blob);
+            for h in chunks {
+                if seeding
+                    && !ledger.lock().expect("ledger lock").grant(
+                        h,
+                        peer,
+                        Instant::now(),
+                        |other| holds(&blob, other),
+                    )
+                {
+                    write_frame(stream, ELSEWHERE, &[]).await?;
+                    continue;
+                }
+                let s = store.clone();
+                let bytes = tokio::task::spawn_blocking(move || s.read_chunk(&h))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                match bytes {
+                    Ok(mut b) => {
+                        if mode == ServeMode::CorruptPieces && !b.is_empty() {
+                            b[0] ^= 0xff;
+                        }
+                        metrics::counter!("mesh_blob_bytes_served_total").increment(b.len() as u64);
+                        write_frame(stream, OK, &b).await?
+                    }
+                    Err(_) => write_frame(stream, MISSING, &[]).await?,
                 }
             }
         }
-        stream.flush().await?;
     }
+    stream.flush().await?;
+    Ok(true)
 }
 
 async fn write_frame(
@@ -1240,6 +1272,38 @@ async fn worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_served_stream_that_stays_silent_is_closed_after_the_step_timeout() {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).unwrap());
+        let (server_end, mut puller_end) = tokio::io::duplex(64 << 10);
+        let serving = tokio::spawn(serve_stream(
+            PeerId::random(),
+            server_end.compat(),
+            store.clone(),
+            Arc::new(Mutex::new(SeedLedger::default())),
+            Arc::new(|_: &Hash, _: &PeerId| false),
+            ServeMode::Honest,
+        ));
+        // A request for an unknown blob is answered...
+        let mut puller = (&mut puller_end).compat();
+        send_request(&mut puller, &BlobRequest::List(Hash::of(b"nothing")))
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_frame(&mut puller, MAX_LIST_BYTES).await,
+            Ok(Answer::Missing)
+        ));
+        // ...and then nothing more comes: the server gives up on the stream (the clock is
+        // paused, so the two minutes pass as soon as everything waits).
+        let ended = tokio::time::timeout(Duration::from_secs(3600), serving)
+            .await
+            .expect("the silent stream is still served after an hour")
+            .unwrap();
+        assert_eq!(ended.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+    }
 
     #[tokio::test]
     async fn a_failed_pull_waits_for_the_writes_it_started() {
