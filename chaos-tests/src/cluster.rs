@@ -813,6 +813,13 @@ impl Cluster {
         self.set_faults(|f| f.drop_percent = percent.min(100))
     }
 
+    /// Drops TCP from other hosts to `port` of node `host` (as a firewall that forgot it).
+    pub fn drop_tcp_port(&self, host: usize, port: u16) -> Result<()> {
+        self.set_faults(|f| {
+            f.drop_tcp_port.insert((host, port));
+        })
+    }
+
     /// Removes every network fault.
     pub fn heal(&self) -> Result<()> {
         self.set_faults(|f| *f = Faults::default())

@@ -29,12 +29,18 @@ pub struct Faults {
     /// Percentage (0..=100) of packets between hosts dropped at random, on
     /// receipt, so each packet on each link is dropped with this probability.
     pub drop_percent: u8,
+    /// (host, port): TCP to that port of that host from other hosts is dropped (a firewall
+    /// that forgot one port).
+    pub drop_tcp_port: BTreeSet<(usize, u16)>,
 }
 
 impl Faults {
     /// True when no fault is in force.
     pub fn is_clear(&self) -> bool {
-        self.partition.is_none() && self.drop_into.is_empty() && self.drop_percent == 0
+        self.partition.is_none()
+            && self.drop_into.is_empty()
+            && self.drop_percent == 0
+            && self.drop_tcp_port.is_empty()
     }
 
     /// The hosts among `peers` that `host` may not talk to because of the partition.
@@ -72,6 +78,9 @@ impl Faults {
         }
         if self.drop_percent > 0 {
             parts.push(format!("{}% random drop on every link", self.drop_percent));
+        }
+        for (host, port) in &self.drop_tcp_port {
+            parts.push(format!("drop TCP to n{host} port {port}"));
         }
         parts.join("; ")
     }
@@ -121,6 +130,17 @@ pub fn render(faults: &Faults, host: usize, hosts: &[(usize, Ipv4Addr)]) -> Stri
             ip_set(&peers),
             faults.drop_percent
         ));
+    }
+
+    for port in faults
+        .drop_tcp_port
+        .iter()
+        .filter(|(h, _)| *h == host)
+        .map(|(_, p)| p)
+    {
+        if !peers.is_empty() {
+            input.push(format!("ip saddr {} tcp dport {port} drop", ip_set(&peers)));
+        }
     }
 
     let mut s = String::new();
@@ -203,6 +223,16 @@ mod tests {
         );
         let s0 = render(&f, 0, &hosts(3));
         assert!(!s0.contains("} drop\n    ip"), "{s0}");
+        let port = Faults {
+            drop_tcp_port: [(2, 7001)].into_iter().collect(),
+            ..Faults::default()
+        };
+        let s2 = render(&port, 2, &hosts(3));
+        assert!(
+            s2.contains("ip saddr { 10.1.2.10, 10.1.2.11 } tcp dport 7001 drop"),
+            "{s2}"
+        );
+        assert!(!render(&port, 1, &hosts(3)).contains("dport"));
         assert!(
             s0.contains("ip saddr { 10.1.2.11, 10.1.2.12 } numgen"),
             "{s0}"

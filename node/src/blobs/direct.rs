@@ -37,6 +37,8 @@ use crate::admission::ClusterSecret;
 
 /// How long connecting, the TLS handshake and the proofs may take together.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the TCP connect alone may take (a port a firewall drops answers nothing).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAGIC: &[u8; 8] = b"MWBLOBS1";
 const ACCEPT: u8 = 1;
 const REFUSE: u8 = 0;
@@ -72,8 +74,8 @@ pub enum DirectError {
         /// The failure.
         source: std::io::Error,
     },
-    /// The exchange took longer than [`HANDSHAKE_TIMEOUT`].
-    #[error("direct blob connection with {0}: handshake timed out")]
+    /// Connecting or the exchange took too long (see [`HANDSHAKE_TIMEOUT`]).
+    #[error("direct blob connection with {0}: timed out")]
     Timeout(SocketAddr),
     /// The other side does not speak this protocol.
     #[error("direct blob connection with {0}: not a Meshwork blob endpoint")]
@@ -216,7 +218,10 @@ impl DirectTls {
     ) -> Result<DirectStream, DirectError> {
         let io = |source| DirectError::Io { addr, source };
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| DirectError::Timeout(addr))?
+                .map_err(io)?;
             tcp.set_nodelay(true).map_err(io)?;
             let name = ServerName::try_from("meshwork-blobs").expect("a valid name");
             let mut tls = self.client.connect(name, socket(tcp)).await.map_err(io)?;

@@ -410,6 +410,11 @@ pub type IsDead = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
 /// How often an exchange in flight looks whether its peer was declared dead.
 const LIVENESS_CHECK: Duration = Duration::from_millis(250);
 
+/// After a direct connection to a peer failed, how long its streams go over libp2p without
+/// trying again (a firewall that drops the blob port would otherwise cost every stream a
+/// connect timeout).
+const DIRECT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Opens blob streams to peers: a direct connection (see [`super::direct`]) where the peer
 /// takes them, else, or if that fails, a libp2p stream.
 #[derive(Clone)]
@@ -417,6 +422,8 @@ pub struct BlobDialer {
     control: libp2p_stream::Control,
     direct: Option<(Arc<DirectTls>, DirectAddrs)>,
     dead: IsDead,
+    /// Peers whose direct connection failed, with when to try one again.
+    direct_failed: Arc<Mutex<HashMap<PeerId, Instant>>>,
 }
 
 impl BlobDialer {
@@ -431,6 +438,7 @@ impl BlobDialer {
             control,
             direct,
             dead,
+            direct_failed: Default::default(),
         }
     }
 
@@ -465,7 +473,13 @@ impl BlobDialer {
     /// once (a node on several networks lists addresses this one cannot reach) and the first to
     /// pass admission is taken.
     pub async fn open(&self, peer: PeerId) -> std::io::Result<Box<dyn BlobStream>> {
-        if let Some((tls, addrs)) = &self.direct {
+        let failed_lately = {
+            let mut failed = self.direct_failed.lock().expect("direct_failed lock");
+            let now = Instant::now();
+            failed.retain(|_, until| *until > now);
+            failed.contains_key(&peer)
+        };
+        if let Some((tls, addrs)) = self.direct.as_ref().filter(|_| !failed_lately) {
             let tries: Vec<_> = addrs(&peer)
                 .into_iter()
                 .map(|addr| Box::pin(tls.connect(addr, peer)))
@@ -479,7 +493,11 @@ impl BlobDialer {
                     }
                     Err(e) => {
                         tracing::warn!(%peer, error = %e,
-                            "no direct blob connection; using a libp2p stream");
+                            "no direct blob connection; using libp2p streams for a minute");
+                        self.direct_failed
+                            .lock()
+                            .expect("direct_failed lock")
+                            .insert(peer, Instant::now() + DIRECT_RETRY_AFTER);
                     }
                 }
             }
