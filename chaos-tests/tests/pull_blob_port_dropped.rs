@@ -30,9 +30,10 @@ fn a_pull_falls_back_to_libp2p_streams_when_the_blob_port_is_dropped() -> Result
 
     let img = build_image(&c.work_dir(), "image", "pull_blob_port_dropped", PAYLOAD)?;
     h.event(format!(
-        "built {}: layer {}",
+        "built {}: layer {} ({} chunks)",
         img.tar.display(),
-        mib(img.layer_size as f64)
+        mib(img.layer_size as f64),
+        img.layer_chunks()
     ));
     let push = c.image_push(holder, &img.tar, REF, 1, &img.layer_blake3, op_timeout);
     h.ensure(push.is_ok(), format!("push to n{holder}: {push}"))?;
