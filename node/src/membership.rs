@@ -56,6 +56,55 @@ pub struct Heartbeat {
     pub blob_port: u16,
 }
 
+impl Heartbeat {
+    /// Decodes a heartbeat off the wire (postcard), also in the form nodes sent before the
+    /// blob port was added (as port 0: no direct blob connections), so that a cluster can be
+    /// upgraded one node at a time. Older nodes read newer heartbeats already: postcard leaves
+    /// trailing fields unread.
+    pub fn decode(bytes: &[u8]) -> Option<Heartbeat> {
+        postcard::from_bytes::<Heartbeat>(bytes).ok().or_else(|| {
+            postcard::from_bytes::<HeartbeatBeforeBlobPort>(bytes)
+                .ok()
+                .map(Heartbeat::from)
+        })
+    }
+}
+
+/// [`Heartbeat`] without `blob_port`, as sent by nodes built before it.
+#[derive(Serialize, Deserialize)]
+struct HeartbeatBeforeBlobPort {
+    peer_id: String,
+    name: String,
+    incarnation: u64,
+    seq: u64,
+    addrs: Vec<String>,
+    labels: BTreeMap<String, String>,
+    total: Resources,
+    allocated: Resources,
+    disk_free_bytes: u64,
+    workloads: u32,
+    version: String,
+}
+
+impl From<HeartbeatBeforeBlobPort> for Heartbeat {
+    fn from(h: HeartbeatBeforeBlobPort) -> Self {
+        Heartbeat {
+            peer_id: h.peer_id,
+            name: h.name,
+            incarnation: h.incarnation,
+            seq: h.seq,
+            addrs: h.addrs,
+            labels: h.labels,
+            total: h.total,
+            allocated: h.allocated,
+            disk_free_bytes: h.disk_free_bytes,
+            workloads: h.workloads,
+            version: h.version,
+            blob_port: 0,
+        }
+    }
+}
+
 /// Failure-detector verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum MemberState {
@@ -270,6 +319,39 @@ impl MembershipTable {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn heartbeats_decode_with_and_without_the_blob_port() {
+        let mut new = hb("p1", 3, 7);
+        new.addrs = vec!["/ip4/10.0.0.2/tcp/7000".into()];
+        new.blob_port = 7001;
+        let bytes = postcard::to_allocvec(&new).unwrap();
+        assert_eq!(Heartbeat::decode(&bytes), Some(new.clone()));
+        // What a node built before the blob port sends: the same, without the last field.
+        let old = HeartbeatBeforeBlobPort {
+            peer_id: new.peer_id.clone(),
+            name: new.name.clone(),
+            incarnation: new.incarnation,
+            seq: new.seq,
+            addrs: new.addrs.clone(),
+            labels: new.labels.clone(),
+            total: new.total,
+            allocated: new.allocated,
+            disk_free_bytes: new.disk_free_bytes,
+            workloads: new.workloads,
+            version: new.version.clone(),
+        };
+        let old_bytes = postcard::to_allocvec(&old).unwrap();
+        let decoded = Heartbeat::decode(&old_bytes).expect("an old heartbeat decodes");
+        assert_eq!(decoded.blob_port, 0);
+        assert_eq!(decoded.addrs, new.addrs);
+        // An old node reading a new heartbeat reads every field it knows.
+        let read_by_old: HeartbeatBeforeBlobPort = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(read_by_old.seq, 7);
+        // Garbage is still garbage.
+        assert_eq!(Heartbeat::decode(&[0xff; 8]), None);
+        assert_eq!(Heartbeat::decode(&bytes[..bytes.len() / 2]), None);
+    }
 
     fn hb(peer: &str, incarnation: u64, seq: u64) -> Heartbeat {
         Heartbeat {

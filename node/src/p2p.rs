@@ -949,7 +949,7 @@ impl MeshNetwork {
         if message.topic == self.hb_topic.hash() {
             metrics::counter!("mesh_gossip_messages_total", "direction" => "in", "topic" => "heartbeat")
                 .increment(1);
-            let Ok(hb) = postcard::from_bytes::<Heartbeat>(&message.data) else {
+            let Some(hb) = Heartbeat::decode(&message.data) else {
                 return MessageAcceptance::Reject;
             };
             if hb.peer_id != author.to_string() || hb.name.len() > 253 || hb.addrs.len() > 64 {
