@@ -153,9 +153,7 @@ impl rustls::client::danger::ServerCertVerifier for AfterHandshake {
         _: &CertificateDer<'_>,
         _: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        Err(rustls::Error::General("only TLS 1.3 is offered".into()))
     }
 
     fn verify_tls13_signature(
@@ -225,7 +223,11 @@ impl DirectTls {
             tcp.set_nodelay(true).map_err(io)?;
             let name = ServerName::try_from("meshwork-blobs").expect("a valid name");
             let mut tls = self.client.connect(name, socket(tcp)).await.map_err(io)?;
-            let ekm = exported(tls.get_ref().1, addr)?;
+            let ekm = tls
+                .get_ref()
+                .1
+                .export_keying_material([0u8; 32], EKM_LABEL, None)
+                .map_err(|e| io(std::io::Error::other(e)))?;
             let mine = self.proof_message(CLIENT, &ekm);
             tls.write_all(MAGIC).await.map_err(io)?;
             tls.write_all(&mine).await.map_err(io)?;
@@ -270,7 +272,11 @@ impl DirectTls {
         let exchange = async {
             tcp.set_nodelay(true).map_err(io)?;
             let mut tls = self.server.accept(socket(tcp)).await.map_err(io)?;
-            let ekm = exported(tls.get_ref().1, addr)?;
+            let ekm = tls
+                .get_ref()
+                .1
+                .export_keying_material([0u8; 32], EKM_LABEL, None)
+                .map_err(|e| io(std::io::Error::other(e)))?;
             let mut magic = [0u8; 8];
             tls.read_exact(&mut magic).await.map_err(io)?;
             if &magic != MAGIC {
@@ -348,30 +354,6 @@ fn proof(key: &[u8; 32], role: &[u8], ekm: &[u8; 32], public: &[u8]) -> blake3::
     h.update(ekm);
     h.update(public);
     h.finalize()
-}
-
-fn exported(conn: &impl ExportKeyingMaterial, addr: SocketAddr) -> Result<[u8; 32], DirectError> {
-    conn.ekm().map_err(|e| DirectError::Io {
-        addr,
-        source: std::io::Error::other(e),
-    })
-}
-
-/// The two rustls connection types both export keying material; one name for both.
-trait ExportKeyingMaterial {
-    fn ekm(&self) -> Result<[u8; 32], rustls::Error>;
-}
-
-impl ExportKeyingMaterial for rustls::ClientConnection {
-    fn ekm(&self) -> Result<[u8; 32], rustls::Error> {
-        self.export_keying_material([0u8; 32], EKM_LABEL, None)
-    }
-}
-
-impl ExportKeyingMaterial for rustls::ServerConnection {
-    fn ekm(&self) -> Result<[u8; 32], rustls::Error> {
-        self.export_keying_material([0u8; 32], EKM_LABEL, None)
-    }
 }
 
 async fn read_sized(
