@@ -80,6 +80,34 @@ async fn streams_opened(node: &TestNode, via: &str) -> u64 {
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
+/// Starts a pull of `reference` on `node` and returns once it has stored more than
+/// `after_bytes`, with the task to await for the pull's result.
+async fn pull_under_way(
+    node: &TestNode,
+    reference: &str,
+    after_bytes: u64,
+) -> tokio::task::JoinHandle<Result<(), meshwork_client::ClientError>> {
+    let started = Arc::new(AtomicBool::new(false));
+    let s = started.clone();
+    let endpoint = node.endpoint();
+    let reference = reference.to_string();
+    let pull = tokio::spawn(async move {
+        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
+        cl.pull_image(&reference, move |done, _| {
+            if done > after_bytes {
+                s.store(true, Ordering::SeqCst);
+            }
+        })
+        .await
+    });
+    wait_until(CONVERGE, "the pull is under way", || async {
+        started.load(Ordering::SeqCst)
+    })
+    .await
+    .unwrap();
+    pull
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_on_a_replicate_and_pull_on_c_from_several_holders() {
     let c = TestCluster::start(3);
@@ -236,23 +264,7 @@ async fn a_holder_killed_mid_pull_and_a_lying_holder_do_not_stop_the_pull() {
     .unwrap();
 
     // n2 pulls; as soon as bytes flow, n0 is killed.
-    let started = Arc::new(AtomicBool::new(false));
-    let s = started.clone();
-    let endpoint = c.nodes[2].endpoint();
-    let pull = tokio::spawn(async move {
-        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
-        cl.pull_image("big:1", move |done, _| {
-            if done > 0 {
-                s.store(true, Ordering::SeqCst);
-            }
-        })
-        .await
-    });
-    wait_until(CONVERGE, "the pull has started", || async {
-        started.load(Ordering::SeqCst)
-    })
-    .await
-    .unwrap();
+    let pull = pull_under_way(&c.nodes[2], "big:1", 0).await;
     c.nodes[0].kill9();
     pull.await
         .unwrap()
@@ -292,24 +304,8 @@ async fn a_holder_paused_mid_pull_is_given_up_once_declared_dead_and_the_pull_re
 
     // n1 pulls over direct connections from n0, the only holder, which stops mid-pull: its
     // sockets stay open, so nothing fails by itself until the 30 s frame timeout.
-    let started = Arc::new(AtomicBool::new(false));
-    let s = started.clone();
-    let endpoint = c.nodes[1].endpoint();
-    let pull = tokio::spawn(async move {
-        let mut cl = MeshClient::connect(&endpoint).await.unwrap();
-        cl.pull_image("paused:1", move |done, _| {
-            // Into the layer (config and manifest are small and come first).
-            if done > 8 << 20 {
-                s.store(true, Ordering::SeqCst);
-            }
-        })
-        .await
-    });
-    wait_until(CONVERGE, "the pull has started", || async {
-        started.load(Ordering::SeqCst)
-    })
-    .await
-    .unwrap();
+    // Into the layer (config and manifest are small and come first).
+    let pull = pull_under_way(&c.nodes[1], "paused:1", 8 << 20).await;
     c.nodes[0].signal("STOP");
     // Once n1 declares n0 dead (about 4 s), its streams to n0 are given up, without waiting
     // for the frame timeout.
