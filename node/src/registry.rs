@@ -39,6 +39,11 @@ const PULLING_PREFIX: &str = "pulling/";
 /// Copies of each blob the mesh keeps by default.
 pub const DEFAULT_REPLICAS: u32 = 2;
 
+/// Blobs of one image pulled at once, as Docker's default `max-concurrent-downloads`: an
+/// image's small manifest and config do not wait for each other or for a layer, nor layers
+/// for layers, and each blob's pull still gets its own streams to every holder.
+pub const IMAGE_PULL_CONCURRENCY: usize = 3;
+
 /// What the replicated state says about a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobMeta {
@@ -510,6 +515,33 @@ impl Registry {
         Ok(info)
     }
 
+    /// Makes every blob of `image` complete in the local store, pulling up to
+    /// [`IMAGE_PULL_CONCURRENCY`] of them at once; `progress` gets the bytes of all of them.
+    /// Every pull that starts runs to its end (an interrupted pull would leave its
+    /// `pulling` record behind); the first error is returned.
+    pub async fn ensure_image_local(
+        &self,
+        image: &ImageRecord,
+        progress: impl Fn(u64) + Clone + Send + Sync + 'static,
+    ) -> Result<(), RegistryError> {
+        use futures::StreamExt as _;
+        let mut hashes: Vec<Hash> = Vec::new();
+        for blob in image.blobs() {
+            if !hashes.contains(&blob.blake3) {
+                hashes.push(blob.blake3);
+            }
+        }
+        let results: Vec<Result<BlobInfo, RegistryError>> = futures::stream::iter(hashes)
+            .map(|hash| {
+                let progress = progress.clone();
+                async move { self.ensure_local(&hash, progress).await }
+            })
+            .buffer_unordered(IMAGE_PULL_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().try_for_each(|r| r.map(drop))
+    }
+
     /// Registers an image whose blobs were pushed, after checking every one of them.
     pub fn create_image(&self, mut image: ImageRecord) -> Result<ImageRecord, RegistryError> {
         parse_reference(&image.reference())?;
@@ -740,9 +772,7 @@ impl Registry {
         containerd: &Containerd,
     ) -> Result<(String, ImportReport), RegistryError> {
         let image = self.image(reference)?;
-        for blob in image.blobs() {
-            self.ensure_local(&blob.blake3, |_| {}).await?;
-        }
+        self.ensure_image_local(&image, |_| {}).await?;
         let oci = |b: &ImageBlob| OciBlob {
             digest: b.sha256.clone(),
             size: b.size,

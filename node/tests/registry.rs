@@ -163,6 +163,80 @@ async fn push_on_a_replicate_and_pull_on_c_from_several_holders() {
     assert!(direct > 0, "no direct blob connection was opened");
 }
 
+/// A counter (without labels) from a node's /metrics, 0 if it is not there yet.
+async fn metric(node: &TestNode, name: &str) -> u64 {
+    let (status, body) = http_call(node.http, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let line = format!("{name} ");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_of_several_layers_is_pulled_whole_and_a_repeated_layer_once() {
+    let c = TestCluster::start(2);
+    alive_all(&c).await;
+    // Four layers, the last a copy of the first (the same blob twice in the manifest); the
+    // pull fetches several blobs at once, and both mentions of the copy must end in one pull.
+    let payloads: Vec<Vec<u8>> = (0..3).map(|i| noise(3 << 20, 20 + i)).collect();
+    let files: Vec<[(&str, &[u8], u32); 1]> = payloads
+        .iter()
+        .map(|p| [("data/payload.bin", p.as_slice(), 0o644)])
+        .collect();
+    let layers: Vec<&[(&str, &[u8], u32)]> = vec![&files[0], &files[1], &files[2], &files[0]];
+    let tar = c.dir.path().join("layers.tar");
+    oci::write_docker_save_tar(&tar, &layers, &["/bin/true"]).unwrap();
+    let mut a = c.nodes[0].client().await;
+    let image = push_image(&mut a, &tar, "layers:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(image.layers.len(), 4);
+    assert_eq!(image.layers[0].blake3, image.layers[3].blake3);
+
+    let mut b = c.nodes[1].client().await;
+    wait_until(CONVERGE, "n1 knows layers:1", || {
+        let mut cl = b.clone();
+        async move { cl.image("layers:1").await.is_ok() }
+    })
+    .await
+    .unwrap();
+    let served_before = metric(&c.nodes[0], "mesh_blob_bytes_served_total").await;
+    let last = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    let l = last.clone();
+    b.pull_image("layers:1", move |done, total| {
+        *l.lock().unwrap() = (done, total);
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let (done, total) = *last.lock().unwrap();
+    assert_eq!(done, total, "the last progress report is the whole image");
+
+    // n1 holds every blob, each with the pushed bytes.
+    let pulled = b.image("layers:1").await.unwrap();
+    assert!(pulled.holders.iter().any(|h| h.name == "n1"), "{pulled:?}");
+    for (i, layer) in pulled.layers.iter().enumerate() {
+        let mut bytes = Vec::new();
+        b.get_blob(&layer.blake3, &mut bytes, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            layer.blake3,
+            "layer {i}"
+        );
+    }
+    // The repeated layer crossed the network once: n0 served about the three distinct
+    // layers, not four.
+    let served = metric(&c.nodes[0], "mesh_blob_bytes_served_total").await - served_before;
+    let distinct: u64 = pulled.layers[..3].iter().map(|l| l.size).sum();
+    assert!(
+        served >= distinct && served < distinct + (2 << 20),
+        "n0 served {served} bytes for {distinct} bytes of distinct layers"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_blob_port_pulls_and_serves_over_libp2p_streams() {
     let c = TestCluster::start(1);

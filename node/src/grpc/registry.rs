@@ -339,23 +339,20 @@ impl RegistryService for RegistryApi {
         let registry = self.registry.clone();
         tokio::spawn(async move {
             let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            for blob in image.blobs() {
-                let d = done.clone();
-                let t = tx.clone();
-                let result = registry
-                    .ensure_local(&blob.blake3, move |n| {
-                        let now = d.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-                        let _ = t.try_send(Ok(pb::PullProgress {
-                            done_bytes: now,
-                            total_bytes: total,
-                            finished: false,
-                        }));
-                    })
-                    .await;
-                if let Err(e) = result {
-                    let _ = tx.send(Err(status(e))).await;
-                    return;
-                }
+            let t = tx.clone();
+            let result = registry
+                .ensure_image_local(&image, move |n| {
+                    let now = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                    let _ = t.try_send(Ok(pb::PullProgress {
+                        done_bytes: now,
+                        total_bytes: total,
+                        finished: false,
+                    }));
+                })
+                .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(status(e))).await;
+                return;
             }
             let _ = tx
                 .send(Ok(pb::PullProgress {
