@@ -39,9 +39,10 @@ const PULLING_PREFIX: &str = "pulling/";
 /// Copies of each blob the mesh keeps by default.
 pub const DEFAULT_REPLICAS: u32 = 2;
 
-/// Blobs of one image pulled at once, as Docker's default `max-concurrent-downloads`: an
-/// image's small manifest and config do not wait for each other or for a layer, nor layers
-/// for layers, and each blob's pull still gets its own streams to every holder.
+/// Blobs pulled at once by an image pull or a replication pass, as Docker's default
+/// `max-concurrent-downloads`: an image's small manifest and config do not wait for each other
+/// or for a layer, nor layers for layers, and each blob's pull still gets its own streams to
+/// every holder.
 pub const IMAGE_PULL_CONCURRENCY: usize = 3;
 
 /// What the replicated state says about a blob.
@@ -739,24 +740,33 @@ impl Registry {
                 wanted.push(*hash);
             }
         }
-        let mut pulled = 0;
-        for hash in wanted {
-            let held_here = self.store.has(&hash);
-            let recorded = self.holders(&hash).iter().any(|h| h.peer == me);
-            if held_here && recorded {
-                continue;
-            }
-            match self.ensure_local(&hash, |_| {}).await {
-                Ok(_) if !held_here => {
-                    pulled += 1;
-                    metrics::counter!("mesh_blob_replications_total").increment(1);
-                    tracing::info!(blob = %hash, "replicated blob to this node");
+        // Several at once, as an image pull (a blob wanted twice is pulled once).
+        use futures::StreamExt as _;
+        let mut seen = HashSet::new();
+        wanted.retain(|h| seen.insert(*h));
+        futures::stream::iter(wanted)
+            .map(|hash| async move {
+                let held_here = self.store.has(&hash);
+                let recorded = self.holders(&hash).iter().any(|h| h.peer == me);
+                if held_here && recorded {
+                    return 0;
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(blob = %hash, error = %e, "replication pull failed"),
-            }
-        }
-        pulled
+                match self.ensure_local(&hash, |_| {}).await {
+                    Ok(_) if !held_here => {
+                        metrics::counter!("mesh_blob_replications_total").increment(1);
+                        tracing::info!(blob = %hash, "replicated blob to this node");
+                        1
+                    }
+                    Ok(_) => 0,
+                    Err(e) => {
+                        tracing::warn!(blob = %hash, error = %e, "replication pull failed");
+                        0
+                    }
+                }
+            })
+            .buffer_unordered(IMAGE_PULL_CONCURRENCY)
+            .fold(0, |n, one| async move { n + one })
+            .await
     }
 
     /// The name containerd knows a mesh image by.
