@@ -219,6 +219,22 @@ impl NodeState {
             .lock()
             .expect("replica lock")
             .write(key, value)?;
+        self.spread(entry)
+    }
+
+    /// [`write`](Self::write) for a record whose loss in a crash of this node does not
+    /// matter: made durable lazily ([`crate::replica::Replica::write_lazy`]), spread at once.
+    pub fn write_lazy(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
+        let entry = self
+            .replica
+            .lock()
+            .expect("replica lock")
+            .write_lazy(key, value)?;
+        self.spread(entry)
+    }
+
+    /// Sends a local entry to the mesh and wakes whoever waits on state changes.
+    fn spread(&self, entry: Entry) -> Result<Entry, ReplicaError> {
         let _ = self
             .network
             .send(NetworkCommand::Broadcast(vec![entry.clone()]));

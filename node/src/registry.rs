@@ -487,13 +487,14 @@ impl Registry {
                 chunks_hash: meta.chunks_hash,
                 sha256: meta.sha256.clone(),
             };
-            // Tell fellow pullers that this node has pieces to share while it pulls.
+            // Tell fellow pullers that this node has pieces to share while it pulls. The
+            // record is stale after a crash anyway, so it is not worth an fsync (two per blob).
             let pulling_key = format!("{PULLING_PREFIX}{hash}/{}", self.node.peer_id);
-            self.node.write(&pulling_key, Some(b"1".to_vec()))?;
+            self.node.write_lazy(&pulling_key, Some(b"1".to_vec()))?;
             let sources = || self.sources(hash);
             let result =
                 transfer::fetch(&self.dialer, &self.store, expected, sources, progress).await;
-            if let Err(e) = self.node.write(&pulling_key, None) {
+            if let Err(e) = self.node.write_lazy(&pulling_key, None) {
                 // The pull's own outcome matters more (a full disk fails both).
                 tracing::warn!(blob = %hash, error = %e, "cannot clear the pulling record");
             }

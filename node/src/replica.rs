@@ -44,7 +44,8 @@ pub struct Merged {
 pub struct Replica {
     map: StateMap,
     db: StateDb,
-    /// Entries from peers were written lazily since the last durable commit.
+    /// Entries were written lazily (from peers, or by [`Replica::write_lazy`]) since the last
+    /// durable commit.
     dirty: bool,
     hlc: HLC,
     origin: String,
@@ -76,6 +77,29 @@ impl Replica {
 
     /// A local write (`None` deletes). Returns the stamped entry, already durable.
     pub fn write(&mut self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
+        let entry = self.stamp(key, value)?;
+        self.db.write(std::slice::from_ref(&entry))?;
+        self.dirty = false; // a durable commit also persists earlier lazy ones
+        self.map.merge(entry.clone());
+        Ok(entry)
+    }
+
+    /// A local write made durable lazily, as entries from peers are (by the next [`flush`] or
+    /// durable write), for records whose loss in a crash of this node does not matter: say,
+    /// "this node is pulling blob X now", which is stale after a crash anyway. It spares the
+    /// fsync, which a durable write makes while holding the replica.
+    ///
+    /// [`flush`]: Self::flush
+    pub fn write_lazy(&mut self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
+        let entry = self.stamp(key, value)?;
+        self.db.write_lazy(std::slice::from_ref(&entry))?;
+        self.dirty = true;
+        self.map.merge(entry.clone());
+        Ok(entry)
+    }
+
+    /// A new local entry, stamped and checked.
+    fn stamp(&self, key: &str, value: Option<Vec<u8>>) -> Result<Entry, ReplicaError> {
         let entry = Entry {
             key: key.to_string(),
             value,
@@ -83,9 +107,6 @@ impl Replica {
             origin: self.origin.clone(),
         };
         validate_entry(&entry)?;
-        self.db.write(std::slice::from_ref(&entry))?;
-        self.dirty = false; // a durable commit also persists earlier lazy ones
-        self.map.merge(entry.clone());
         Ok(entry)
     }
 
@@ -159,7 +180,7 @@ impl Replica {
         })
     }
 
-    /// Makes entries learned from peers durable, if any were written lazily.
+    /// Makes entries written lazily (learned from peers, or local lazy writes) durable, if any.
     pub fn flush(&mut self) -> Result<(), ReplicaError> {
         if self.dirty {
             self.db.flush()?;
@@ -201,6 +222,27 @@ mod tests {
         let mut r = r;
         let w3 = r.write("k", Some(b"3".to_vec())).unwrap();
         assert!(w3.stamp > r.map().get_any("gone").unwrap().stamp);
+    }
+
+    #[test]
+    fn lazy_local_writes_are_seen_at_once_and_kept_by_the_next_flush_or_durable_write() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut r = replica(dir.path(), "a");
+            let w1 = r.write_lazy("pulling/x", Some(b"1".to_vec())).unwrap();
+            assert_eq!(r.map().get("pulling/x").unwrap().stamp, w1.stamp);
+            r.flush().unwrap();
+            r.write_lazy("pulling/y", Some(b"1".to_vec())).unwrap();
+            let w2 = r.write("k", Some(b"2".to_vec())).unwrap();
+            assert!(w2.stamp > w1.stamp, "lazy and durable writes share one clock");
+            r.write_lazy("pulling/x", None).unwrap();
+            r.flush().unwrap();
+            assert!(r.write_lazy("bad key", None).is_err());
+        }
+        let r = replica(dir.path(), "a");
+        assert!(r.map().get("pulling/x").is_none());
+        assert!(r.map().get("pulling/y").is_some());
+        assert!(r.map().get("k").is_some());
     }
 
     #[test]
