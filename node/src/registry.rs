@@ -533,6 +533,8 @@ impl Registry {
                 hashes.push(blob.blake3);
             }
         }
+        let started = std::time::Instant::now();
+        let blobs = hashes.len();
         let results: Vec<Result<BlobInfo, RegistryError>> = futures::stream::iter(hashes)
             .map(|hash| {
                 let progress = progress.clone();
@@ -541,6 +543,8 @@ impl Registry {
             .buffer_unordered(IMAGE_PULL_CONCURRENCY)
             .collect()
             .await;
+        tracing::debug!(image = %image.reference(), blobs, elapsed = ?started.elapsed(),
+            "image blobs local");
         results.into_iter().try_for_each(|r| r.map(drop))
     }
 
