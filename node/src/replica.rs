@@ -234,7 +234,10 @@ mod tests {
             r.flush().unwrap();
             r.write_lazy("pulling/y", Some(b"1".to_vec())).unwrap();
             let w2 = r.write("k", Some(b"2".to_vec())).unwrap();
-            assert!(w2.stamp > w1.stamp, "lazy and durable writes share one clock");
+            assert!(
+                w2.stamp > w1.stamp,
+                "lazy and durable writes share one clock"
+            );
             r.write_lazy("pulling/x", None).unwrap();
             r.flush().unwrap();
             assert!(r.write_lazy("bad key", None).is_err());

@@ -238,6 +238,53 @@ async fn an_image_of_several_layers_is_pulled_whole_and_a_repeated_layer_once() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_opens_as_many_streams_as_its_blob_needs() {
+    let c = TestCluster::start(2);
+    alive_all(&c).await;
+    let mut a = c.nodes[0].client().await;
+    let mut b = c.nodes[1].client().await;
+    // (bytes, streams the puller opens to the one holder): the stream that brought the chunk
+    // list carries chunks too, and one request asks for up to 8 chunks, so a blob of up to
+    // 8 MiB needs one stream; larger ones get up to four.
+    for (seed, (size, streams)) in [(100_000, 1), (3 << 20, 1), (20 << 20, 3), (40 << 20, 4)]
+        .into_iter()
+        .enumerate()
+    {
+        // Seeds of their own: blobs sharing chunks would pull only what is missing.
+        let bytes = noise(size, 40 + seed as u8);
+        let put = a
+            .put_blob(
+                std::io::Cursor::new(bytes.clone()),
+                UploadOptions {
+                    pinned: true,
+                    replicas: 1,
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .await
+            .unwrap();
+        wait_until(CONVERGE, "n1 knows the blob and its holder", || {
+            let mut cl = b.clone();
+            let hash = put.blake3.clone();
+            async move {
+                cl.blobs()
+                    .await
+                    .is_ok_and(|bs| bs.iter().any(|x| x.blake3 == hash && !x.holders.is_empty()))
+            }
+        })
+        .await
+        .unwrap();
+        let before = streams_opened(&c.nodes[1], "direct").await;
+        let mut got = Vec::new();
+        b.get_blob(&put.blake3, &mut got, |_, _| {}).await.unwrap();
+        assert!(got == bytes, "{size} bytes: not the bytes put");
+        let opened = streams_opened(&c.nodes[1], "direct").await - before;
+        assert_eq!(opened, streams, "streams n1 opened to pull {size} bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_blob_port_pulls_and_serves_over_libp2p_streams() {
     let c = TestCluster::start(1);
     let secret = c.dir.path().join("secret");

@@ -911,19 +911,26 @@ pub async fn fetch(
 
     // 1. The chunk list, checked against the replicated state (holders first).
     let mut list = None;
+    // The stream the list came on, for the first worker on that peer (one handshake fewer).
+    let mut list_stream: Option<(PeerId, Box<dyn BlobStream>)> = None;
     let mut ordered = initial.clone();
     ordered.sort_by_key(|s| !s.complete);
     for src in &ordered {
         match fetch_list(dialer, src.peer, blob).await {
-            Ok(Some(l)) if l.hash() == expected.chunks_hash => {
+            Ok((Some(l), stream)) if l.hash() == expected.chunks_hash => {
                 list = Some(l);
+                list_stream = Some((src.peer, stream));
                 break;
             }
-            Ok(Some(_)) => {
+            Ok((Some(_), mut stream)) => {
+                let _ = stream.close().await;
                 tracing::warn!(peer = %src.peer, %blob, "node served a chunk list that does not match");
                 report.liars.push(src.peer);
             }
-            Ok(None) => tracing::debug!(peer = %src.peer, %blob, "node does not have the blob"),
+            Ok((None, mut stream)) => {
+                let _ = stream.close().await;
+                tracing::debug!(peer = %src.peer, %blob, "node does not have the blob")
+            }
             Err(e) => {
                 tracing::debug!(peer = %src.peer, %blob, error = %e, "node unreachable");
                 report.failed.push(src.peer);
@@ -960,6 +967,9 @@ pub async fn fetch(
         use rand::seq::SliceRandom;
         queue.shuffle(&mut rand::rng());
     }
+    // Four streams per holder for a large blob; a small one needs fewer (one request asks for
+    // up to MAX_CHUNKS_PER_REQUEST chunks), and each stream is a handshake.
+    let per_holder = WORKERS_PER_HOLDER.min(queue.len().div_ceil(MAX_CHUNKS_PER_REQUEST).max(1));
     let pull = Arc::new(Pull::new(blob, list, queue));
     let progress = Arc::new(progress);
     let mut workers = tokio::task::JoinSet::new();
@@ -982,12 +992,16 @@ pub async fn fetch(
                     continue;
                 }
                 started.insert(src.peer);
-                let n = if src.complete { WORKERS_PER_HOLDER } else { 1 };
+                let n = if src.complete { per_holder } else { 1 };
                 for _ in 0..n {
+                    let first = list_stream
+                        .take_if(|(peer, _)| *peer == src.peer)
+                        .map(|(_, stream)| stream);
                     workers.spawn(worker(
                         dialer.clone(),
                         store.clone(),
                         src,
+                        first,
                         pull.clone(),
                         progress.clone(),
                     ));
@@ -1109,19 +1123,20 @@ pub async fn fetch(
     Ok((info, report))
 }
 
+/// Asks `peer` for the chunk list of `blob`; returns it (if the peer has the blob) with the
+/// stream, which the pull's first worker for that peer goes on using.
 async fn fetch_list(
     dialer: &BlobDialer,
     peer: PeerId,
     blob: Hash,
-) -> std::io::Result<Option<ChunkList>> {
+) -> std::io::Result<(Option<ChunkList>, Box<dyn BlobStream>)> {
     let mut stream = dialer.while_alive(peer, dialer.open(peer)).await?;
     let exchange = async {
         send_request(&mut stream, &BlobRequest::List(blob)).await?;
         read_frame(&mut stream, MAX_LIST_BYTES).await
     };
     let body = dialer.while_alive(peer, exchange).await?.bytes();
-    let _ = stream.close().await;
-    Ok(body.and_then(|b| ChunkList::decode(&b)))
+    Ok((body.and_then(|b| ChunkList::decode(&b)), stream))
 }
 
 enum WorkerEnd {
@@ -1131,19 +1146,24 @@ enum WorkerEnd {
     Store(StoreError),
 }
 
-/// Fetches chunks from one source until the pull is done or the source fails or lies.
+/// Fetches chunks from one source until the pull is done or the source fails or lies, on
+/// `first` if given (an open stream to that source) or a stream it opens.
 async fn worker(
     dialer: BlobDialer,
     store: Arc<BlobStore>,
     src: Source,
+    first: Option<Box<dyn BlobStream>>,
     pull: Arc<Pull>,
     progress: Arc<impl Fn(u64) + Send + Sync + 'static>,
 ) -> WorkerEnd {
     let peer = src.peer;
     let mut fetched = 0usize;
-    let mut stream = match dialer.while_alive(peer, dialer.open(peer)).await {
-        Ok(s) => s,
-        Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
+    let mut stream = match first {
+        Some(s) => s,
+        None => match dialer.while_alive(peer, dialer.open(peer)).await {
+            Ok(s) => s,
+            Err(e) => return WorkerEnd::Failed(src, 0, e.to_string()),
+        },
     };
     let blob_list_len = pull.list.chunks.len();
     let mut idle_rounds = 0u32;
