@@ -342,15 +342,18 @@ impl Drop for Pins<'_> {
 }
 
 impl BlobStore {
-    /// Opens (creating) the store; leftovers of interrupted writes in `tmp/` are removed.
+    /// Opens (creating) the store; leftovers of interrupted writes in `tmp/`, and the partial
+    /// lists of pulls that ended with the last process, are removed.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         for d in ["chunks", "lists", "partial", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let tmp = root.join("tmp");
-        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-            let _ = fs::remove_file(e.map_err(io_err(&tmp))?.path());
+        for d in ["tmp", "partial"] {
+            let dir = root.join(d);
+            for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let _ = fs::remove_file(e.map_err(io_err(&dir))?.path());
+            }
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -521,9 +524,10 @@ impl BlobStore {
     }
 
     /// Records the (verified) chunk list of a blob being pulled, so that this node can serve
-    /// the chunks it already has to other pullers before it has them all.
+    /// the chunks it already has to other pullers before it has them all. Not fsynced: it
+    /// matters only while this process pulls ([`BlobStore::open`] removes what is left).
     pub fn put_partial_list(&self, h: &Hash, list: &ChunkList) -> Result<(), StoreError> {
-        self.write_atomic(&self.partial_path(h), &list.encode())
+        self.write_file(&self.partial_path(h), &list.encode(), false, false)
     }
 
     /// The chunk list of a blob, complete or being pulled.
@@ -1007,6 +1011,25 @@ mod tests {
             .unwrap();
         assert_eq!(info.hash, Hash::of(&bytes));
         assert!(store.has(&info.hash));
+    }
+
+    #[test]
+    fn a_partial_list_is_served_while_its_pull_runs_and_gone_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = data(2 * CHUNK_SIZE + 5, 4);
+        let list = ChunkList {
+            size: bytes.len() as u64,
+            chunks: bytes.chunks(CHUNK_SIZE).map(Hash::of).collect(),
+        };
+        let blob = Hash::of(&bytes);
+        {
+            let store = BlobStore::open(dir.path()).unwrap();
+            store.put_partial_list(&blob, &list).unwrap();
+            assert_eq!(store.any_list(&blob).unwrap().hash(), list.hash());
+            assert!(!store.has(&blob));
+        }
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert!(store.any_list(&blob).is_none(), "a stale partial list survived");
     }
 
     #[test]
