@@ -491,10 +491,15 @@ async fn the_blob_port_admits_members_only() {
         matches!(refused, Err(DirectError::Refused(_))),
         "{refused:?}"
     );
-    wait_until(CONVERGE, "the node counts one refusal", || async {
-        let (_, metrics) = http_call(node.http, "GET", "/metrics", b"").await;
-        String::from_utf8_lossy(&metrics).contains("mesh_blob_direct_refused_total 1\n")
-    })
+    wait_until(
+        CONVERGE,
+        "the node counts one refusal, for a bad proof",
+        || async {
+            let (_, metrics) = http_call(node.http, "GET", "/metrics", b"").await;
+            String::from_utf8_lossy(&metrics)
+                .contains("mesh_blob_direct_refused_total{reason=\"bad_proof\"} 1\n")
+        },
+    )
     .await
     .unwrap();
 
@@ -509,6 +514,21 @@ async fn the_blob_port_admits_members_only() {
             other.map(|_| ())
         ),
     }
+
+    // A probe that connects and hangs up is counted apart from a wrong secret.
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    wait_until(
+        CONVERGE,
+        "the node counts the probe as an io refusal",
+        || async {
+            let (_, metrics) = http_call(node.http, "GET", "/metrics", b"").await;
+            let metrics = String::from_utf8_lossy(&metrics).into_owned();
+            metrics.contains("mesh_blob_direct_refused_total{reason=\"io\"} 1\n")
+                && metrics.contains("mesh_blob_direct_refused_total{reason=\"bad_proof\"} 1\n")
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

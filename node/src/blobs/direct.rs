@@ -100,6 +100,23 @@ pub enum DirectError {
     },
 }
 
+impl DirectError {
+    /// A short, fixed name for the kind of failure, for metric labels: `io` (the connection or
+    /// TLS failed, or closed early: a port scan or a health probe looks like this), `timeout`,
+    /// `not_meshwork`, `bad_proof` (no cluster secret, or a forged proof), `refused`,
+    /// `wrong_peer`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::Timeout(_) => "timeout",
+            Self::NotMeshwork(_) => "not_meshwork",
+            Self::BadProof(_) => "bad_proof",
+            Self::Refused(_) => "refused",
+            Self::WrongPeer { .. } => "wrong_peer",
+        }
+    }
+}
+
 /// What one node needs to open and accept direct blob connections.
 pub struct DirectTls {
     identity: Keypair,

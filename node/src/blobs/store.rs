@@ -1029,7 +1029,10 @@ mod tests {
             assert!(!store.has(&blob));
         }
         let store = BlobStore::open(dir.path()).unwrap();
-        assert!(store.any_list(&blob).is_none(), "a stale partial list survived");
+        assert!(
+            store.any_list(&blob).is_none(),
+            "a stale partial list survived"
+        );
     }
 
     #[test]

@@ -234,7 +234,7 @@ async fn serve_direct(
             }
         };
         let Ok(handshake) = pending.clone().try_acquire_owned() else {
-            metrics::counter!("mesh_blob_direct_refused_total").increment(1);
+            metrics::counter!("mesh_blob_direct_refused_total", "reason" => "busy").increment(1);
             tracing::warn!(%addr, "too many direct blob connections in their handshake; closed");
             continue;
         };
@@ -246,7 +246,8 @@ async fn serve_direct(
             match admitted {
                 Ok((peer, stream)) => serving.stream(peer, stream).await,
                 Err(e) => {
-                    metrics::counter!("mesh_blob_direct_refused_total").increment(1);
+                    metrics::counter!("mesh_blob_direct_refused_total", "reason" => e.reason())
+                        .increment(1);
                     tracing::warn!(%addr, error = %e, "direct blob connection not admitted");
                 }
             }
