@@ -517,6 +517,46 @@ impl Registry {
         Ok(info)
     }
 
+    /// Deletes this node's `pulling/` records of blobs it is not pulling now: left by a pull of
+    /// an earlier process (killed mid-pull), or brought back by anti-entropy after a crash lost
+    /// the lazy write that cleared one. Fellow pullers would otherwise keep asking this node
+    /// for pieces of a pull it no longer runs. Runs with every replication pass; returns how
+    /// many records went.
+    pub fn forget_stale_pulls(&self) -> usize {
+        let suffix = format!("/{}", self.node.peer_id);
+        let mine: Vec<(String, Hash)> = {
+            let replica = self.node.replica.lock().expect("replica lock");
+            replica
+                .map()
+                .list(PULLING_PREFIX)
+                .filter_map(|e| {
+                    let hash = e.key.strip_prefix(PULLING_PREFIX)?.strip_suffix(&suffix)?;
+                    Some((e.key.clone(), hash.parse().ok()?))
+                })
+                .collect()
+        };
+        // Holding the gates: a pull of one of these blobs that starts meanwhile writes its
+        // record after this delete, not before it.
+        let gates = self.pulls.lock();
+        let mut forgotten = 0;
+        for (key, hash) in mine {
+            if gates.contains_key(&hash) {
+                continue;
+            }
+            match self.node.write_lazy(&key, None) {
+                Ok(_) => forgotten += 1,
+                Err(e) => tracing::warn!(%key, error = %e, "cannot delete a stale pulling record"),
+            }
+        }
+        if forgotten > 0 {
+            tracing::info!(
+                records = forgotten,
+                "deleted pulling records of pulls this node no longer runs"
+            );
+        }
+        forgotten
+    }
+
     /// Makes every blob of `image` complete in the local store, pulling up to
     /// [`IMAGE_PULL_CONCURRENCY`] of them at once; `progress` gets the bytes of all of them.
     /// Every pull that starts runs to its end (an interrupted pull would leave its
@@ -710,6 +750,7 @@ impl Registry {
     /// chosen by the manifest's hash), pinned blobs on their own; this node pulls whatever it
     /// is a target for and lacks.
     pub async fn replicate_once(&self) -> usize {
+        self.forget_stale_pulls();
         let (Ok(images), Ok(metas)) = (self.images(), self.blob_metas()) else {
             return 0;
         };
@@ -875,6 +916,46 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn pulling_records_of_pulls_not_running_are_forgotten_and_a_running_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeState::for_tests(dir.path(), "n0");
+        let store = Arc::new(BlobStore::open(&dir.path().join("blobs")).unwrap());
+        let dialer = BlobDialer::new(
+            libp2p_stream::Behaviour::new().new_control(),
+            None,
+            Arc::new(|_| false),
+        );
+        let registry = Registry::new(node.clone(), store, dialer);
+        let me = node.peer_id;
+        let other = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let (stale, running) = (Hash([1u8; 32]), Hash([2u8; 32]));
+        let key = |h: &Hash, p: &PeerId| format!("{PULLING_PREFIX}{h}/{p}");
+        for k in [key(&stale, &me), key(&running, &me), key(&stale, &other)] {
+            node.write(&k, Some(b"1".to_vec())).unwrap();
+        }
+        let _turn = registry.pulls.enter(running).await;
+
+        assert_eq!(registry.forget_stale_pulls(), 1);
+        let live = |k: String| {
+            node.replica
+                .lock()
+                .unwrap()
+                .map()
+                .get(&k)
+                .is_some_and(|e| e.value.is_some())
+        };
+        assert!(
+            !live(key(&stale, &me)),
+            "this node's record of a pull it does not run"
+        );
+        assert!(live(key(&running, &me)), "the record of a pull under way");
+        assert!(live(key(&stale, &other)), "another node's record");
+        assert_eq!(registry.forget_stale_pulls(), 0);
+    }
 
     #[tokio::test]
     async fn pulls_of_one_blob_take_turns_and_leave_no_gate_behind() {

@@ -403,6 +403,75 @@ async fn a_holder_killed_mid_pull_and_a_lying_holder_do_not_stop_the_pull() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_killed_mid_pull_drops_its_pulling_record_once_restarted_and_resumes() {
+    let mut c = TestCluster::start(2);
+    alive_all(&c).await;
+    let payload = noise(96 << 20, 30);
+    let tar = image_tar(c.dir.path(), "stale", &payload);
+    let mut a = c.nodes[0].client().await;
+    push_image(&mut a, &tar, "stale:1", 1, |_, _| {})
+        .await
+        .unwrap();
+    wait_until(CONVERGE, "n1 knows stale:1", || async {
+        !holders_of(&c.nodes[1], "stale:1").await.is_empty()
+    })
+    .await
+    .unwrap();
+
+    // n1 pulls; the holder is paused so the pull stays under way, with n1's record "n1 is
+    // pulling this blob" in the state; n1 dies mid-pull.
+    let pull = pull_under_way(&c.nodes[1], "stale:1", 8 << 20).await;
+    c.nodes[0].signal("STOP");
+    let mut b = c.nodes[1].client().await;
+    let record = b.list("pulling/").await.unwrap();
+    let record = record
+        .first()
+        .expect("n1 lists its pulling record while its pull is under way")
+        .key
+        .clone();
+    c.nodes[1].kill9();
+    let _ = pull.await;
+    c.nodes[0].signal("CONT");
+    // n0 keeps the record of the pull that died (it came with the gossip of the pull's start).
+    let on_n0 = |present: bool| {
+        let a = a.clone();
+        let record = record.clone();
+        move || {
+            let mut cl = a.clone();
+            let record = record.clone();
+            async move {
+                cl.list("pulling/")
+                    .await
+                    .is_ok_and(|entries| entries.iter().any(|e| e.key == record) == present)
+            }
+        }
+    };
+    wait_until(CONVERGE, "n0 has n1's pulling record", on_n0(true))
+        .await
+        .unwrap();
+
+    // The restarted n1 runs no pull of that blob, so the record goes (whether n1 kept it on
+    // disk or learns it again from n0).
+    c.nodes[1].start();
+    wait_until(
+        CONVERGE,
+        "n1's stale pulling record is deleted",
+        on_n0(false),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e} ({record})\n{}", c.nodes[1].log_tail()));
+
+    // And a new pull completes with the pushed bytes.
+    alive_all(&c).await;
+    let mut b = c.nodes[1].client().await;
+    b.pull_image("stale:1", |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("pull after the restart: {e}\n{}", c.logs()));
+    let layer = read_layer(&c.nodes[1], "stale:1").await;
+    assert_eq!(blake3::hash(&layer), blake3::hash(&oci_layer_of(&tar).1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_mid_pull_is_given_up_once_declared_dead_and_the_pull_resumes_later() {
     let c = TestCluster::start(2);
     alive_all(&c).await;
