@@ -58,6 +58,27 @@ async fn holders_of(node: &TestNode, reference: &str) -> Vec<String> {
     }
 }
 
+/// Pushes `tar` as `reference` to n0 with one copy (so n0 alone holds it) and waits until n1
+/// knows the image and its holder.
+async fn push_to_n0_for_n1(
+    c: &TestCluster,
+    tar: &Path,
+    reference: &str,
+) -> meshwork_client::proto::Image {
+    let mut a = c.nodes[0].client().await;
+    let image = push_image(&mut a, tar, reference, 1, |_, _| {})
+        .await
+        .unwrap();
+    wait_until(
+        CONVERGE,
+        &format!("n1 knows {reference} and its holder"),
+        || async { !holders_of(&c.nodes[1], reference).await.is_empty() },
+    )
+    .await
+    .unwrap();
+    image
+}
+
 async fn read_layer(node: &TestNode, reference: &str) -> Vec<u8> {
     let mut c = node.client().await;
     let image = c.image(reference).await.unwrap();
@@ -188,20 +209,11 @@ async fn an_image_of_several_layers_is_pulled_whole_and_a_repeated_layer_once() 
     let layers: Vec<&[(&str, &[u8], u32)]> = vec![&files[0], &files[1], &files[2], &files[0]];
     let tar = c.dir.path().join("layers.tar");
     oci::write_docker_save_tar(&tar, &layers, &["/bin/true"]).unwrap();
-    let mut a = c.nodes[0].client().await;
-    let image = push_image(&mut a, &tar, "layers:1", 1, |_, _| {})
-        .await
-        .unwrap();
+    let image = push_to_n0_for_n1(&c, &tar, "layers:1").await;
     assert_eq!(image.layers.len(), 4);
     assert_eq!(image.layers[0].blake3, image.layers[3].blake3);
 
     let mut b = c.nodes[1].client().await;
-    wait_until(CONVERGE, "n1 knows layers:1", || {
-        let mut cl = b.clone();
-        async move { cl.image("layers:1").await.is_ok() }
-    })
-    .await
-    .unwrap();
     let served_before = metric(&c.nodes[0], "mesh_blob_bytes_served_total").await;
     let last = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
     let l = last.clone();
@@ -408,15 +420,8 @@ async fn a_puller_killed_mid_pull_drops_its_pulling_record_once_restarted_and_re
     alive_all(&c).await;
     let payload = noise(96 << 20, 30);
     let tar = image_tar(c.dir.path(), "stale", &payload);
-    let mut a = c.nodes[0].client().await;
-    push_image(&mut a, &tar, "stale:1", 1, |_, _| {})
-        .await
-        .unwrap();
-    wait_until(CONVERGE, "n1 knows stale:1", || async {
-        !holders_of(&c.nodes[1], "stale:1").await.is_empty()
-    })
-    .await
-    .unwrap();
+    push_to_n0_for_n1(&c, &tar, "stale:1").await;
+    let a = c.nodes[0].client().await;
 
     // n1 pulls; the holder is paused so the pull stays under way, with n1's record "n1 is
     // pulling this blob" in the state; n1 dies mid-pull.
@@ -477,20 +482,7 @@ async fn a_holder_paused_mid_pull_is_given_up_once_declared_dead_and_the_pull_re
     alive_all(&c).await;
     let payload = noise(128 << 20, 5);
     let tar = image_tar(c.dir.path(), "paused", &payload);
-    push_image(
-        &mut c.nodes[0].client().await,
-        &tar,
-        "paused:1",
-        1,
-        |_, _| {},
-    )
-    .await
-    .unwrap();
-    wait_until(CONVERGE, "n1 knows the image", || async {
-        !holders_of(&c.nodes[1], "paused:1").await.is_empty()
-    })
-    .await
-    .unwrap();
+    push_to_n0_for_n1(&c, &tar, "paused:1").await;
 
     // n1 pulls over direct connections from n0, the only holder, which stops mid-pull: its
     // sockets stay open, so nothing fails by itself until the 30 s frame timeout.
@@ -864,17 +856,8 @@ async fn a_disk_that_fills_up_during_a_pull_gives_a_clear_error_and_leaves_the_s
         .await;
 
     let tar = image_tar(c.dir.path(), "huge", &noise(40 << 20, 10));
-    let mut on_a = c.nodes[0].client().await;
-    push_image(&mut on_a, &tar, "huge:1", 1, |_, _| {})
-        .await
-        .unwrap();
+    push_to_n0_for_n1(&c, &tar, "huge:1").await;
     let mut on_b = c.nodes[1].client().await;
-    wait_until(CONVERGE, "n1 knows huge:1", || {
-        let mut cl = on_b.clone();
-        async move { cl.image("huge:1").await.is_ok() }
-    })
-    .await
-    .unwrap();
     let used_before = du(&small);
     let e = on_b.pull_image("huge:1", |_, _| {}).await.unwrap_err();
     assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
