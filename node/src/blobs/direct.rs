@@ -240,11 +240,7 @@ impl DirectTls {
             tcp.set_nodelay(true).map_err(io)?;
             let name = ServerName::try_from("meshwork-blobs").expect("a valid name");
             let mut tls = self.client.connect(name, socket(tcp)).await.map_err(io)?;
-            let ekm = tls
-                .get_ref()
-                .1
-                .export_keying_material([0u8; 32], EKM_LABEL, None)
-                .map_err(|e| io(std::io::Error::other(e)))?;
+            let ekm = keying_material(tls.get_ref().1, addr)?;
             let mine = self.proof_message(CLIENT, &ekm);
             tls.write_all(MAGIC).await.map_err(io)?;
             tls.write_all(&mine).await.map_err(io)?;
@@ -289,11 +285,7 @@ impl DirectTls {
         let exchange = async {
             tcp.set_nodelay(true).map_err(io)?;
             let mut tls = self.server.accept(socket(tcp)).await.map_err(io)?;
-            let ekm = tls
-                .get_ref()
-                .1
-                .export_keying_material([0u8; 32], EKM_LABEL, None)
-                .map_err(|e| io(std::io::Error::other(e)))?;
+            let ekm = keying_material(tls.get_ref().1, addr)?;
             let mut magic = [0u8; 8];
             tls.read_exact(&mut magic).await.map_err(io)?;
             if &magic != MAGIC {
@@ -371,6 +363,18 @@ fn proof(key: &[u8; 32], role: &[u8], ekm: &[u8; 32], public: &[u8]) -> blake3::
     h.update(ekm);
     h.update(public);
     h.finalize()
+}
+
+/// The keying material the TLS session exports (RFC 8446 §7.5), which the proofs are bound to.
+fn keying_material<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    addr: SocketAddr,
+) -> Result<[u8; 32], DirectError> {
+    conn.export_keying_material([0u8; 32], EKM_LABEL, None)
+        .map_err(|e| DirectError::Io {
+            addr,
+            source: std::io::Error::other(e),
+        })
 }
 
 async fn read_sized(
